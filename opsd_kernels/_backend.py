@@ -1,0 +1,88 @@
+"""The one place that decides which backend runs: triton, native or torch.
+
+Importing this module touches neither CUDA nor Triton; availability is probed lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from opsd_kernels.types import BACKENDS
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_status() -> str | None:
+    """None when Triton kernels can run somewhere here, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton)"
+    return None
+
+
+@functools.cache
+def native_status() -> str | None:
+    """None when the compiled extension opsd_kernels._C is importable, else why not."""
+    try:
+        importlib.import_module("opsd_kernels._C")
+    except ImportError as err:
+        return f"the native extension opsd_kernels._C is not built ({err})"
+    return None
+
+
+def _triton_error(device: torch.device) -> str | None:
+    missing = triton_status()
+    if missing is not None:
+        return missing
+    if device.type == "cuda" or triton_interpreted():
+        return None
+    return (f"Triton kernels need a CUDA device (tensors are on {device}); on CPU they run only "
+            "under the interpreter: set TRITON_INTERPRET=1 before importing opsd_kernels")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn the user's choice (or OPSD_BACKEND) into the backend that will run, or raise."""
+    choice = os.environ.get("OPSD_BACKEND", backend) if backend == "auto" else backend
+    if choice not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        if device.type != "cuda":
+            return "torch"
+        why = _triton_error(device)
+        if why is None:
+            return "triton"
+        warnings.warn(f"opsd_kernels: falling back to the PyTorch backend on {device}: {why}",
+                      stacklevel=3)
+        return "torch"
+    if choice == "triton":
+        why = _triton_error(device)
+        if why is not None:
+            raise RuntimeError(f"backend='triton' cannot run: {why}")
+    if choice == "native":
+        why = native_status()
+        if why is not None:
+            raise RuntimeError(f"backend='native' cannot run: {why}")
+        raise NotImplementedError("backend='native': the native divergence kernels are not "
+                                  "wired into the loss yet; use backend='torch' or 'triton'")
+    return choice
+
+
+def env_report() -> dict[str, str]:
+    """Which backends are usable here, and why the others are not."""
+    cuda = torch.cuda.is_available()
+    report = {"torch": f"usable (torch {torch.__version__})"}
+    why = triton_status()
+    if why is None and not cuda and not triton_interpreted():
+        why = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    report["triton"] = "usable" if why is None else f"unusable: {why}"
+    why = native_status()
+    report["native"] = "built" if why is None else f"unusable: {why}"
+    report["cuda"] = torch.cuda.get_device_name() if cuda else "no CUDA device"
+    return report

@@ -1,0 +1,141 @@
+"""Forward-and-backward in one sweep over row chunks, from hidden states or from logits.
+
+Per chunk: fp32 logits of both roles (one GEMM on [h_S; h_T] when the head is shared), the row
+step writes coef * d loss / d z_S over the student logits, then grad h_S = G W and, only when
+asked, grad W += G^T h_S and grad b_S += sum_rows G. Gradients are finished here; the autograd
+backward only scales them. Nothing synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from opsd_kernels.chunked import TopK, chunk_rows, row_step_for, run_row_step, stats_buffer
+from opsd_kernels.row_options import RowOptions
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _cuda_mm_has_out_dtype() -> bool:
+    try:
+        a = torch.zeros(1, 1, dtype=torch.bfloat16, device="cuda")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _fp32_operand(w: torch.Tensor) -> torch.Tensor:
+    """The weight as the GEMMs use it: as is, unless only an fp32 upcast gives fp32 logits."""
+    if w.dtype == torch.float32 or (w.is_cuda and _cuda_mm_has_out_dtype()):
+        return w
+    return w.float()
+
+
+def _logits_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ bias) with an fp32 result; never a bf16 GEMM output rounded, then upcast."""
+    if w.dtype == torch.float32:
+        out = x.float() @ w.t()
+    else:
+        out = torch.mm(x, w.t(), out_dtype=torch.float32)
+    if bias is not None:
+        out += bias.float()
+    return out
+
+
+def fused_linear_forward_backward(
+    h_s: torch.Tensor,
+    w: torch.Tensor,
+    h_t: torch.Tensor,
+    w_t: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    coef: torch.Tensor,
+    b_s: torch.Tensor | None,
+    b_t: torch.Tensor | None,
+    opts: RowOptions,
+    top_k: TopK | None,
+    backend: str,
+    chunk_size: int | None,
+    need_grad_h: bool,
+    need_grad_w: bool,
+    need_grad_bs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token stats [N, NUM_STATS] and the gradients of sum_i coef_i D_i that were asked for."""
+    n, vocab = h_s.shape[0], w.shape[0]
+    step = row_step_for(backend)
+    stats = stats_buffer(n, h_s.device)
+    write_grad = need_grad_h or need_grad_w or need_grad_bs
+    grad_h = torch.empty_like(h_s) if need_grad_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad_w else None
+    grad_bs = torch.zeros(vocab, dtype=torch.float32, device=w.device) if need_grad_bs else None
+
+    w_mm = _fp32_operand(w)
+    shared = w_t is None
+    w_t_mm = w_mm if shared else _fp32_operand(w_t)
+    rows = chunk_rows(n, vocab, backend, chunk_size, h_s.device)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h_c = h_s[start:end]
+        if shared:
+            # One GEMM for both roles; the two halves are row blocks of one buffer.
+            both = _logits_fp32(torch.cat([h_c, h_t[start:end]]), w_mm, None)
+            s, t = both[: end - start], both[end - start :]
+            if b_s is not None:
+                s += b_s.float()
+            if b_t is not None:
+                t += b_t.float()
+        else:
+            s = _logits_fp32(h_c, w_mm, b_s)
+            t = _logits_fp32(h_t[start:end], w_t_mm, b_t)
+        labels_c = None if labels is None else labels[start:end]
+        run_row_step(step, s, t, labels_c, coef[start:end], stats[start:end], opts, write_grad,
+                     top_k)
+        if not write_grad:
+            continue
+        if grad_h is not None:
+            grad_h[start:end] = (s.to(w_mm.dtype) @ w_mm).to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w.addmm_(s.t(), h_c.float())
+        if grad_bs is not None:
+            grad_bs += s.sum(0)
+    return (
+        stats,
+        grad_h,
+        None if grad_w is None else grad_w.to(w.dtype),
+        None if grad_bs is None else grad_bs.to(b_s.dtype),
+    )
+
+
+def logits_forward_backward(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    coef: torch.Tensor,
+    opts: RowOptions,
+    top_k: TopK | None,
+    backend: str,
+    chunk_size: int | None,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token stats and, if asked, d (sum_i coef_i D_i) / d student_logits, both from logits.
+
+    The only [N, V] buffer is the gradient itself; fp32 work happens in one chunk at a time.
+    """
+    n, vocab = student_logits.shape
+    step = row_step_for(backend)
+    stats = stats_buffer(n, student_logits.device)
+    grad = torch.empty_like(student_logits) if need_grad else None
+    rows = chunk_rows(n, vocab, backend, chunk_size, student_logits.device)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        # A copy even for fp32 input: the row step writes the gradient over it.
+        s = student_logits[start:end].to(torch.float32, copy=True)
+        t = teacher_logits[start:end].float()
+        labels_c = None if labels is None else labels[start:end]
+        run_row_step(step, s, t, labels_c, coef[start:end], stats[start:end], opts, need_grad,
+                     top_k)
+        if grad is not None:
+            grad[start:end] = s
+    return stats, grad
