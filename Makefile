@@ -26,8 +26,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m pytest -q bench/bench_divergence.py --benchmark-json=bench/results/latest.json
-	$(PY) bench/report.py bench/results/latest.json
+	$(PY) -m pytest -q -rs bench/bench_divergence.py --benchmark-json=.benchmarks/divergence.json
+	$(PY) bench/report.py .benchmarks/divergence.json
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff

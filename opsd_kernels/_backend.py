@@ -19,10 +19,14 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Looked up once, without importing triton; a module constant, so torch.compile traces the
+# backend choice without probing packages inside the graph.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_status() -> str | None:
     """None when Triton kernels can run somewhere here, else why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_FOUND:
         return "the triton package is not installed (pip install triton)"
     return None
 
@@ -79,6 +83,11 @@ def env_report() -> dict[str, str]:
     cuda = torch.cuda.is_available()
     report = {"torch": f"usable (torch {torch.__version__})"}
     why = triton_status()
+    if why is None:
+        try:
+            importlib.import_module("triton")
+        except ImportError as err:
+            why = f"the triton package does not import ({err})"
     if why is None and not cuda and not triton_interpreted():
         why = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
     report["triton"] = "usable" if why is None else f"unusable: {why}"

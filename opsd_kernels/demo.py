@@ -36,7 +36,7 @@ class Row:
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: kernel compilation and allocator caches are not measured
+    """Best wall time of `repeats` calls (the caller has warmed fn up)."""
     best = float("inf")
     for _ in range(repeats):
         if device.type == "cuda":
@@ -70,7 +70,7 @@ def _compare(name: str, options: dict, h_s, w, h_t, labels, repeats: int) -> Row
     loss_naive = naive().detach()
     grad_err = (grad.float() - h_s.grad.float()).abs().max().item()
     device = h_s.device
-    mem_ours, mem_naive = peak_bytes(ours, device), peak_bytes(naive, device)
+    (mem_ours, _), (mem_naive, _) = peak_bytes(ours, device), peak_bytes(naive, device)
     return Row(
         name,
         loss.item(),

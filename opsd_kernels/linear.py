@@ -64,6 +64,7 @@ def fused_linear_forward_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Per-token stats [N, NUM_STATS] and the gradients of sum_i coef_i D_i that were asked for."""
     n, vocab = h_s.shape[0], w.shape[0]
+    need_grad_bs = need_grad_bs and b_s is not None
     step = row_step_for(backend)
     stats = stats_buffer(n, h_s.device)
     write_grad = need_grad_h or need_grad_w or need_grad_bs

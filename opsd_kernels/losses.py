@@ -6,6 +6,8 @@ The math and its conventions (TRL's `generalized_jsd_loss`, the OPSD reference c
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import NamedTuple
 
 import torch
@@ -83,9 +85,16 @@ def _row_coef(tok: _Tokens, reduction: str, num_items) -> torch.Tensor:
 def _check_reduction(reduction: str, token_shape: torch.Size, num_items) -> None:
     v.check(reduction != "sequence_mean" or len(token_shape) == 2,
             "reduction: 'sequence_mean' needs [B, T, ...] inputs to know the sequences")
-    v.check(num_items is None or reduction in ("mean", "sequence_mean"),
-            f"num_items: only meaningful with reduction 'mean' or 'sequence_mean', not "
-            f"{reduction!r}")
+    if num_items is None:
+        return
+    v.check(reduction in ("mean", "sequence_mean"), f"num_items: only meaningful with "
+            f"reduction 'mean' or 'sequence_mean', not {reduction!r}")
+    if not isinstance(num_items, torch.Tensor):
+        v.check(isinstance(num_items, (int, float)) and math.isfinite(num_items)
+                and num_items > 0, f"num_items: must be a finite number > 0, got {num_items!r}")
+    else:
+        v.check(num_items.numel() == 1, f"num_items: expected one element, got shape "
+                f"{tuple(num_items.shape)}")
 
 
 def _as_stats(stats: torch.Tensor, token_shape: torch.Size) -> DivergenceStats:
@@ -218,7 +227,7 @@ def fused_linear_divergence(
 
     n = token_shape.numel()
     h_s = student_hidden.reshape(n, hidden).contiguous()
-    h_t = teacher_hidden.reshape(n, -1).contiguous()
+    h_t = teacher_hidden.reshape(n, teacher_hidden.shape[-1]).contiguous()
     w_t = None if teacher_weight is None else teacher_weight.contiguous()
     tensors = (h_s, weight.contiguous(), h_t, w_t, tok.labels)
     if reduction == "none":
@@ -321,6 +330,11 @@ def divergence(
     return (loss, _as_stats(stats, token_shape)) if return_stats else loss
 
 
+def _keyword_options(fn) -> set[str]:
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 class FusedLinearDivergenceLoss(nn.Module):
     """:func:`fused_linear_divergence` as a module holding its options.
 
@@ -333,8 +347,11 @@ class FusedLinearDivergenceLoss(nn.Module):
 
     def __init__(self, **options) -> None:
         super().__init__()
-        for name in self._PER_CALL:
-            v.check(name not in options, f"{name}: pass it to forward, not to the constructor")
+        known = _keyword_options(fused_linear_divergence)
+        for name in options:
+            v.check(name not in self._PER_CALL, f"{name}: pass it to forward, not to the "
+                    "constructor")
+            v.check(name in known, f"{name}: not an option of fused_linear_divergence")
         self.options = options
 
     def forward(

@@ -13,9 +13,11 @@ import ctypes
 import gc
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -49,8 +51,9 @@ def cpu_peak_supported() -> str | None:
     return None
 
 
-def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Run ``fn`` once and return its incremental peak memory in bytes (None if unmeasurable).
+def peak_bytes(fn: Callable[[], T], device: torch.device) -> tuple[int | None, T]:
+    """Run ``fn`` once; return its incremental peak memory in bytes (None if unmeasurable here)
+    and its result.
 
     The CUDA figure counts bytes the allocator handed out; the CPU figure counts resident
     pages, so it also includes allocator overhead and any memory touched by libraries.
@@ -60,14 +63,14 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        out = fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.max_memory_allocated(device) - before, out
     if cpu_peak_supported() is not None:
-        return None
+        return None, fn()
     _malloc_trim()
     before = _status_kib("VmRSS")
     with open(_CLEAR_REFS, "w") as f:
         f.write("5")  # VmHWM := current VmRSS
-    fn()
-    return max(0, _status_kib("VmHWM") - before) * 1024
+    out = fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024, out

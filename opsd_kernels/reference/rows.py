@@ -1,9 +1,11 @@
 """The per-row divergence step in plain PyTorch: the CPU fallback of `ops/divergence.py`.
 
 Same contract as the Triton launcher `divergence_rows_triton_`: given raw logits of both roles
-for a block of rows, write per-row statistics and (optionally) d loss / d student logits in
-place of the student logits. The gradient is analytic (see `ops/divergence.py` for the
-derivation); autograd is not used, so the step holds only a few [rows, V] fp32 temporaries.
+for a block of rows, write per-row statistics and (optionally) d loss / d student logits over
+the student logits (which are clobbered either way). The gradient is analytic (derivation in
+`ops/divergence.py`); autograd is not used. Eager PyTorch pays one memory pass per op, so the
+step is written to keep passes and [rows, V] temporaries few: in-place updates, p and log p
+from one exp, row dot products instead of product-then-sum.
 """
 
 from __future__ import annotations
@@ -12,20 +14,24 @@ import torch
 
 from opsd_kernels.row_options import RowOptions
 
-_NEG_INF = float("-inf")
+# Log-probabilities are floored here so that a zero probability (a -inf logit, or underflow)
+# times its log is 0 * finite = 0 rather than 0 * -inf = NaN; exp(_LOG_FLOOR) is exactly 0.
+_LOG_FLOOR = -1.0e30
+_TINY = torch.finfo(torch.float32).tiny
 
 
-def _scaled(z: torch.Tensor, inv_tau: float, softcap: float | None) -> tuple[torch.Tensor, ...]:
-    """(s, d s / d z) for s = softcap(z) / tau."""
-    if softcap is None:
-        return z * inv_tau, torch.full((), inv_tau, dtype=z.dtype, device=z.device)
-    th = torch.tanh(z / softcap)
-    return th * (softcap * inv_tau), (1 - th * th) * inv_tau
+def _log_softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn x into log softmax(x) in place; return (log_probs, probs, logsumexp [C])."""
+    row_max = x.amax(-1, keepdim=True).clamp_min_(_LOG_FLOOR)
+    probs = (x - row_max).exp_()
+    total = probs.sum(-1, keepdim=True)
+    probs.div_(total)
+    lse = total.log_().add_(row_max)
+    return x.sub_(lse).clamp_min_(_LOG_FLOOR), probs, lse.squeeze(-1)
 
 
-def _guarded(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """value where x > 0, else 0: the 0 log 0 = 0 convention, NaN-free for underflowed mass."""
-    return torch.where(x > 0, value, torch.zeros((), dtype=value.dtype, device=value.device))
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vecdot(a, b)
 
 
 def divergence_rows_torch_(
@@ -37,14 +43,21 @@ def divergence_rows_torch_(
     opts: RowOptions,
     write_grad: bool,
 ) -> None:
-    """Fill `stats` [C, NUM_STATS]; if write_grad, overwrite `s` with coef_i * d D_i / d z_S."""
+    """Fill `stats` [C, NUM_STATS]; s is clobbered, and holds coef_i * d D_i / d z_S if
+    write_grad. t is only read."""
     valid = None if labels is None else labels != opts.ignore_index
-    log_p, ds_dz = _scaled(s, opts.inv_tau_s, opts.softcap)
-    log_q, _ = _scaled(t, opts.inv_tau_t, opts.softcap)
-    lse_s, lse_t = log_p.logsumexp(-1, keepdim=True), log_q.logsumexp(-1, keepdim=True)
-    log_p.sub_(lse_s)
-    log_q.sub_(lse_t)
-    p, q = log_p.exp(), log_q.exp()
+    # d s_scaled / d z: a scalar, or per element with soft-capping.
+    ds_dz: torch.Tensor | float = opts.inv_tau_s
+    if opts.softcap is not None:
+        th = torch.tanh(s / opts.softcap)
+        s.copy_(th).mul_(opts.softcap * opts.inv_tau_s)
+        ds_dz = th.mul_(th).neg_().add_(1).mul_(opts.inv_tau_s)
+        t = torch.tanh(t / opts.softcap).mul_(opts.softcap * opts.inv_tau_t)
+    else:
+        s.mul_(opts.inv_tau_s)
+        t = t * opts.inv_tau_t
+    log_p, p, lse_s = _log_softmax_(s)
+    log_q, q, lse_t = _log_softmax_(t)
 
     zero_rows = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
     logp_y = logq_y = zero_rows
@@ -52,47 +65,56 @@ def divergence_rows_torch_(
         safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
         logp_y = log_p.gather(-1, safe).squeeze(-1)
         logq_y = log_q.gather(-1, safe).squeeze(-1)
+    h_p, h_q = -_rowdot(p, log_p), -_rowdot(q, log_q)
 
     if opts.kind == "sampled":
         advantage = logq_y - logp_y
         loss = -advantage * logp_y
-        grad = p * advantage.unsqueeze(-1)
+        grad = p.mul_(advantage.unsqueeze(-1))
         grad.scatter_add_(-1, safe, -advantage.unsqueeze(-1))
     else:
         terms, g = _terms_and_weights(log_p, log_q, p, q, opts)
         if opts.clip is not None:
             kept = terms < opts.clip
-            terms = torch.where(kept, terms, torch.full_like(terms, opts.clip))
-            g = torch.where(kept, g, torch.zeros_like(g))
-        loss = terms.sum(-1)
+            loss = torch.where(kept, terms, opts.clip).sum(-1)
+            g.mul_(kept)
+        else:
+            loss = terms.sum(-1)
         del terms
         # d D / d s_j = g_j - p_j sum_v g_v  (g already zeroed on clipped terms)
-        grad = g.sub_(p * g.sum(-1, keepdim=True))
+        grad = g.addcmul_(p, g.sum(-1, keepdim=True), value=-1)
 
-    h_p = -torch.mul(p, log_p).nan_to_num_(nan=0.0).sum(-1)  # 0 * -inf: p underflowed to 0
-    h_q = -torch.mul(q, log_q).nan_to_num_(nan=0.0).sum(-1)
-    rows = torch.stack([loss, h_p, h_q, lse_s[:, 0], lse_t[:, 0], logp_y, logq_y], dim=-1)
+    rows = torch.stack([loss, h_p, h_q, lse_s, lse_t, logp_y, logq_y], dim=-1)
     if valid is not None:
         rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros_like(rows))
     stats.copy_(rows)
 
     if write_grad:
         row_coef = coef if valid is None else torch.where(valid, coef, torch.zeros_like(coef))
-        s.copy_(grad.mul_(ds_dz).mul_(row_coef.unsqueeze(-1)))
+        if isinstance(ds_dz, torch.Tensor):
+            grad.mul_(ds_dz)
+            ds_dz = 1.0
+        torch.mul(grad, (row_coef * ds_dz).unsqueeze(-1), out=s)
 
 
 def _terms_and_weights(
     log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor, q: torch.Tensor, opts: RowOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-vocab terms l_v and g_v, where d l_v / d s_j = g_v (delta_vj - p_j)."""
+    """Per-vocab terms l_v and g_v, where d l_v / d s_j = g_v (delta_vj - p_j).
+
+    Consumes its inputs: log_q and q may be overwritten (p and log_p are still needed)."""
     if opts.kind == "forward_kl":
-        return _guarded(q, q * (log_q - log_p)), -q
+        terms = torch.sub(log_q, log_p).mul_(q)
+        return terms, q.neg_()
     if opts.kind == "reverse_kl":
-        ratio = log_p - log_q
-        return _guarded(p, p * ratio), _guarded(p, p * (ratio + 1))
-    # The mixture in probability space: one log instead of a logaddexp, and exact enough, since
-    # m >= (1 - beta) p and m >= beta q keep log m accurate wherever a term is not guarded to 0.
-    log_m = (q * opts.beta).add_(p, alpha=1 - opts.beta).log_()
-    p_log_pm = _guarded(p, p * (log_p - log_m))
-    terms = opts.beta * _guarded(q, q * (log_q - log_m)) + (1 - opts.beta) * p_log_pm
+        log_ratio = torch.sub(log_p, log_q)
+        terms = log_ratio * p
+        return terms, log_ratio.add_(1).mul_(p)
+    # The mixture in probability space: one log instead of a logaddexp. m >= (1 - beta) p and
+    # m >= beta q keep log m accurate wherever its term is not 0; the floor at the smallest
+    # normal float only touches m that underflowed, whose terms are 0 (no 0 * inf NaN).
+    log_m = (q * opts.beta).add_(p, alpha=1 - opts.beta).clamp_min_(_TINY).log_()
+    q_log_qm = log_q.sub_(log_m).mul_(q)
+    p_log_pm = torch.sub(log_p, log_m, out=log_m).mul_(p)
+    terms = q_log_qm.mul_(opts.beta).add_(p_log_pm, alpha=1 - opts.beta)
     return terms, p_log_pm.mul_(1 - opts.beta)
