@@ -1,0 +1,1 @@
+"""Benchmark suites and their report generator; see bench/README.md."""
