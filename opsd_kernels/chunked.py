@@ -121,8 +121,11 @@ def _top_k_row_step(
 
     grad = torch.zeros_like(s_sc).scatter_(-1, idx, s_k[:, : top_k.k])
     if top_k.tail_bucket:
-        # d tail / d s_v = softmax of the outside logits (0 on the support: s_out is -inf there).
-        grad.add_((s_out - s_tail).exp_().mul_(s_k[:, top_k.k :]))
+        # d tail / d s_v = softmax of the outside logits: 0 on the support (s_out is -inf there),
+        # and 0 everywhere when nothing outside has mass (s_tail = -inf: top_k = V, or -inf
+        # padding), where exp(-inf + inf) would be NaN.
+        tail_share = (s_out - s_tail).exp_().nan_to_num_(nan=0.0)
+        grad.add_(tail_share.mul_(s_k[:, top_k.k :]))
     if opts.softcap is None:
         grad.mul_(opts.inv_tau_s)
     else:

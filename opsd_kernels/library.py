@@ -17,7 +17,11 @@ import torch
 from torch import Tensor
 
 from opsd_kernels.chunked import TopK
-from opsd_kernels.linear import fused_linear_forward_backward, logits_forward_backward
+from opsd_kernels.linear import (
+    fused_linear_forward_backward,
+    logits_forward_backward,
+    logits_grad_dtype,
+)
 from opsd_kernels.row_options import RowOptions
 from opsd_kernels.types import NUM_STATS
 
@@ -48,7 +52,7 @@ def fused_linear_divergence_op(
     ignore_index: int, backend: str, chunk_size: int,
     need_grad_h: bool, need_grad_w: bool, need_grad_bs: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss = sum_i coef_i D_i, stats [N, NUM_STATS], grad_h, grad_w, grad_bs)."""
+    """(loss = sum_i coef_i D_i, stats [N, NUM_STATS], grad_h, grad_w, grad_bs), grads fp32."""
     opts, top = _options(kind, beta, temperature, teacher_temperature, top_k, top_k_source,
                          tail_bucket, clip, softcap, ignore_index)
     stats, gh, gw, gb = fused_linear_forward_backward(
@@ -57,7 +61,7 @@ def fused_linear_divergence_op(
         need_grad_bs,
     )
     loss = (stats[:, 0] * coef).sum()
-    return loss, stats, _or_empty(gh, student_hidden), _or_empty(gw, weight), _or_empty(gb, coef)
+    return loss, stats, _or_empty(gh, coef), _or_empty(gw, coef), _or_empty(gb, coef)
 
 
 @fused_linear_divergence_op.register_fake
@@ -67,10 +71,10 @@ def _(student_hidden, weight, teacher_hidden, teacher_weight, labels, coef, stud
     n = student_hidden.shape[0]
     loss = coef.new_empty(())
     stats = coef.new_empty((n, NUM_STATS))
-    gh = torch.empty_like(student_hidden) if need_grad_h else student_hidden.new_empty(_EMPTY)
-    gw = torch.empty_like(weight) if need_grad_w else weight.new_empty(_EMPTY)
-    gb = (torch.empty_like(student_bias) if need_grad_bs and student_bias is not None
-          else coef.new_empty(_EMPTY))
+    gh = coef.new_empty(student_hidden.shape if need_grad_h else _EMPTY)
+    gw = coef.new_empty(weight.shape if need_grad_w else _EMPTY)
+    gb = coef.new_empty((weight.shape[0],) if need_grad_bs and student_bias is not None
+                        else _EMPTY)
     return loss, stats, gh, gw, gb
 
 
@@ -78,18 +82,22 @@ def _setup_scalar_loss(ctx, inputs, output):
     _, stats, *grads = output
     ctx.mark_non_differentiable(stats, *grads)
     ctx.save_for_backward(*grads)
+    # The dtype each stored gradient is cast to, after scaling (never before: see linear.py).
+    ctx.grad_dtypes = [x.dtype if isinstance(x, Tensor) else None for x in inputs[:7]]
+
+
+def _scaled(grad: Tensor, grad_output: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+    if dtype is None or grad.numel() == 0:
+        return None
+    return (grad * grad_output.float()).to(dtype)
 
 
 def _backward_linear_loss(ctx, grad_loss, *_unused):
     gh, gw, gb = ctx.saved_tensors
-    scale = grad_loss.float()
-
-    def scaled(g: Tensor, needed: bool) -> Tensor | None:
-        return (g * scale).to(g.dtype) if needed and g.numel() > 0 else None
-
-    need = ctx.needs_input_grad
-    return (scaled(gh, need[0]), scaled(gw, need[1]), None, None, None, None,
-            scaled(gb, need[6])) + (None,) * 16
+    need, dtypes = ctx.needs_input_grad, ctx.grad_dtypes
+    return (_scaled(gh, grad_loss, dtypes[0] if need[0] else None),
+            _scaled(gw, grad_loss, dtypes[1] if need[1] else None), None, None, None, None,
+            _scaled(gb, grad_loss, dtypes[6] if need[6] else None)) + (None,) * 16
 
 
 fused_linear_divergence_op.register_autograd(
@@ -137,8 +145,8 @@ def _backward_linear_rows(ctx, grad_rows, _grad_stats):
         h_s, w, h_t, w_t, labels, grad_rows.float().contiguous(), b_s, b_t, *ctx.options,
         need[0], need[1], need[5],
     )
-    return (gh if need[0] else None, gw if need[1] else None, None, None, None,
-            gb if need[5] else None) + (None,) * 13
+    return (gh.to(h_s.dtype) if need[0] else None, gw.to(w.dtype) if need[1] else None, None,
+            None, None, gb.to(b_s.dtype) if need[5] else None) + (None,) * 13
 
 
 fused_linear_divergence_rows_op.register_autograd(_backward_linear_rows, setup_context=_setup_rows)
@@ -160,21 +168,24 @@ def divergence_op(
     stats, grad = logits_forward_backward(student_logits, teacher_logits, labels, coef, opts,
                                           top, backend, chunk_size or None, need_grad)
     loss = (stats[:, 0] * coef).sum()
-    return loss, stats, _or_empty(grad, student_logits)
+    if grad is None:
+        grad = student_logits.new_empty(_EMPTY, dtype=logits_grad_dtype(student_logits.dtype))
+    return loss, stats, grad
 
 
 @divergence_op.register_fake
 def _(student_logits, teacher_logits, labels, coef, *args):
     need_grad = args[-1]
-    grad = torch.empty_like(student_logits) if need_grad else student_logits.new_empty(_EMPTY)
+    grad_dtype = logits_grad_dtype(student_logits.dtype)
+    grad = student_logits.new_empty(student_logits.shape if need_grad else _EMPTY,
+                                    dtype=grad_dtype)
     return coef.new_empty(()), coef.new_empty((student_logits.shape[0], NUM_STATS)), grad
 
 
 def _backward_logits_loss(ctx, grad_loss, *_unused):
     (grad,) = ctx.saved_tensors
-    if not ctx.needs_input_grad[0] or grad.numel() == 0:
-        return (None,) * 17
-    return ((grad * grad_loss.float()).to(grad.dtype),) + (None,) * 16
+    dtype = ctx.grad_dtypes[0] if ctx.needs_input_grad[0] else None
+    return (_scaled(grad, grad_loss, dtype),) + (None,) * 16
 
 
 divergence_op.register_autograd(_backward_logits_loss, setup_context=_setup_scalar_loss)
@@ -214,7 +225,7 @@ def _backward_logits_rows(ctx, grad_rows, _grad_stats):
         return (None,) * 15
     s, t, labels = ctx.saved_tensors
     _, _, grad = divergence_op(s, t, labels, grad_rows.float().contiguous(), *ctx.options, True)
-    return (grad,) + (None,) * 14
+    return (grad.to(s.dtype),) + (None,) * 14
 
 
 divergence_rows_op.register_autograd(_backward_logits_rows, setup_context=_setup_logits_rows)

@@ -62,13 +62,16 @@ def fused_linear_forward_backward(
     need_grad_w: bool,
     need_grad_bs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Per-token stats [N, NUM_STATS] and the gradients of sum_i coef_i D_i that were asked for."""
+    """Per-token stats [N, NUM_STATS] and the gradients of sum_i coef_i D_i that were asked for
+    (fp32; the caller casts them to the inputs' dtypes)."""
     n, vocab = h_s.shape[0], w.shape[0]
     need_grad_bs = need_grad_bs and b_s is not None
     step = row_step_for(backend)
     stats = stats_buffer(n, h_s.device)
     write_grad = need_grad_h or need_grad_w or need_grad_bs
-    grad_h = torch.empty_like(h_s) if need_grad_h else None
+    # Gradients stay fp32 until backward has scaled them: an fp16 gradient stored unscaled
+    # would underflow before a loss scale could rescue it.
+    grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device) if need_grad_h else None
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad_w else None
     grad_bs = torch.zeros(vocab, dtype=torch.float32, device=w.device) if need_grad_bs else None
 
@@ -96,17 +99,22 @@ def fused_linear_forward_backward(
         if not write_grad:
             continue
         if grad_h is not None:
-            grad_h[start:end] = (s.to(w_mm.dtype) @ w_mm).to(grad_h.dtype)
+            if w_mm.dtype == torch.float32:
+                torch.mm(s, w_mm, out=grad_h[start:end])
+            else:
+                grad_h[start:end] = torch.mm(s.to(w_mm.dtype), w_mm, out_dtype=torch.float32)
         if grad_w is not None:
             grad_w.addmm_(s.t(), h_c.float())
         if grad_bs is not None:
             grad_bs += s.sum(0)
-    return (
-        stats,
-        grad_h,
-        None if grad_w is None else grad_w.to(w.dtype),
-        None if grad_bs is None else grad_bs.to(b_s.dtype),
-    )
+    return stats, grad_h, grad_w, grad_bs
+
+
+def logits_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of a logits gradient between forward and backward. fp16 would underflow before
+    a loss scale is applied, so it is kept in fp32; bf16 has fp32's range and keeps its own
+    dtype, halving the only [N, V] buffer."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def logits_forward_backward(
@@ -127,7 +135,10 @@ def logits_forward_backward(
     n, vocab = student_logits.shape
     step = row_step_for(backend)
     stats = stats_buffer(n, student_logits.device)
-    grad = torch.empty_like(student_logits) if need_grad else None
+    grad = None
+    if need_grad:
+        grad = torch.empty(n, vocab, dtype=logits_grad_dtype(student_logits.dtype),
+                           device=student_logits.device)
     rows = chunk_rows(n, vocab, backend, chunk_size, student_logits.device)
     for start in range(0, n, rows):
         end = min(start + rows, n)

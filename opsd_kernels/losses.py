@@ -203,7 +203,8 @@ def fused_linear_divergence(
         v.check(teacher_weight.shape[0] == vocab, f"teacher_weight: vocab size "
                 f"{teacher_weight.shape[0]} differs from weight's {vocab}")
     v.check(teacher_head.shape[1] == teacher_hidden.shape[-1], f"teacher_hidden: hidden size "
-            f"{teacher_hidden.shape[-1]} does not match the teacher head {tuple(teacher_head.shape)}")
+            f"{teacher_hidden.shape[-1]} does not match the teacher head "
+            f"{tuple(teacher_head.shape)}")
     v.check(teacher_hidden.dtype == teacher_head.dtype, f"teacher_hidden: dtype "
             f"{teacher_hidden.dtype} differs from its head's {teacher_head.dtype}")
     if student_bias is not None:

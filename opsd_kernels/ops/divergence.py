@@ -16,7 +16,8 @@ Derivation (s = softcap(z) / tau, p = softmax(s), q = softmax(t), one row):
         (the q_v/m_v and p_v/m_v terms of d l_v / d p_v cancel: beta q_v + (1-beta) p_v = m_v).
     Clipping D = sum_v min(l_v, c): the same with g_v zeroed where l_v >= c, so S needs its own
     pass over the row unless it has a closed form (forward KL unclipped).
-    Sampled: D = -a log p_y with a = log q_y - log p_y held constant, d D / d s_j = a (p_j - [j = y]).
+    Sampled: D = -a log p_y with a = log q_y - log p_y held constant,
+        d D / d s_j = a (p_j - [j = y]).
     Chain rule: d s / d z = (1 - tanh^2(z / cap)) / tau with soft-capping, 1 / tau without.
 Masked lanes load -inf; every x log x term is guarded by x > 0, so underflowed mass (and the
 mixture of two underflowed distributions) contributes 0, never NaN.
@@ -72,7 +73,8 @@ def _tile_terms(log_p, log_q, p, q, in_row, beta, clip,
         g = tl.where(p > 0.0, p * (log_p - log_q + 1.0), 0.0)
     else:
         # m >= beta q and m >= (1 - beta) p: log m is accurate wherever a term is not guarded.
-        log_m = tl.log(beta * q + (1.0 - beta) * p)
+        # The floor at the smallest normal float keeps a subnormal p from meeting m = 0.
+        log_m = tl.log(tl.maximum(beta * q + (1.0 - beta) * p, 1.1754944e-38))
         p_log_pm = _xlog_ratio(p, log_p, log_m)
         terms = beta * _xlog_ratio(q, log_q, log_m) + (1.0 - beta) * p_log_pm
         g = (1.0 - beta) * p_log_pm
@@ -126,8 +128,10 @@ def divergence_rows_kernel(
         z_t = z_t * tl.exp(m_t - new_m_t) + tl.sum(tl.exp(t - new_m_t), 0)
         m_s = new_m_s
         m_t = new_m_t
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
+    # log p = (s - m) - log Z, never s - (m + log Z): the sum would round at the size of the
+    # logits, which is all of log p for a confident row at large |z| or a tiny temperature.
+    log_z_s = tl.log(z_s)
+    log_z_t = tl.log(z_t)
 
     logp_y = tl.zeros((), tl.float32)
     logq_y = tl.zeros((), tl.float32)
@@ -136,8 +140,8 @@ def divergence_rows_kernel(
         y_cols = label + tl.zeros([1], tl.int64)
         s_y, _ = _scaled(s_row, y_cols, y_cols < V, inv_tau_s, softcap, HAS_SOFTCAP)
         t_y, _ = _scaled(t_row, y_cols, y_cols < V, inv_tau_t, softcap, HAS_SOFTCAP)
-        logp_y = tl.sum(s_y, 0) - lse_s
-        logq_y = tl.sum(t_y, 0) - lse_t
+        logp_y = (tl.sum(s_y, 0) - m_s) - log_z_s
+        logq_y = (tl.sum(t_y, 0) - m_t) - log_z_t
     advantage = logq_y - logp_y
 
     # Pass 2, only where S = sum_v g_v has no closed form: the divergence, entropies and S.
@@ -153,8 +157,8 @@ def divergence_rows_kernel(
             in_row = cols < V
             s, _ = _scaled(s_row, cols, in_row, inv_tau_s, softcap, HAS_SOFTCAP)
             t, _ = _scaled(t_row, cols, in_row, inv_tau_t, softcap, HAS_SOFTCAP)
-            log_p = s - lse_s
-            log_q = t - lse_t
+            log_p = (s - m_s) - log_z_s
+            log_q = (t - m_t) - log_z_t
             p = tl.exp(log_p)
             q = tl.exp(log_q)
             terms, g = _tile_terms(log_p, log_q, p, q, in_row, beta, clip, KIND, HAS_CLIP)
@@ -172,8 +176,8 @@ def divergence_rows_kernel(
             read = cols < v_read
             s, ds_dz = _scaled(s_row, cols, read, inv_tau_s, softcap, HAS_SOFTCAP)
             t, _ = _scaled(t_row, cols, read, inv_tau_t, softcap, HAS_SOFTCAP)
-            log_p = s - lse_s
-            log_q = t - lse_t
+            log_p = (s - m_s) - log_z_s
+            log_q = (t - m_t) - log_z_t
             p = tl.exp(log_p)
             q = tl.exp(log_q)
             if KIND == SAMPLED:
@@ -196,8 +200,8 @@ def divergence_rows_kernel(
     tl.store(out + 0, tl.where(valid, loss, 0.0))
     tl.store(out + 1, tl.where(valid, h_p, 0.0))
     tl.store(out + 2, tl.where(valid, h_q, 0.0))
-    tl.store(out + 3, tl.where(valid, lse_s, 0.0))
-    tl.store(out + 4, tl.where(valid, lse_t, 0.0))
+    tl.store(out + 3, tl.where(valid, m_s + log_z_s, 0.0))
+    tl.store(out + 4, tl.where(valid, m_t + log_z_t, 0.0))
     tl.store(out + 5, tl.where(valid, logp_y, 0.0))
     tl.store(out + 6, tl.where(valid, logq_y, 0.0))
 

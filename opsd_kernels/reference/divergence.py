@@ -4,7 +4,8 @@ Everything here materialises [N, V] tensors and is differentiated by autograd. R
 float64 for a reference; never use it on large inputs.
 
 Conventions (TRL's `generalized_jsd_loss` and the OPSD reference code):
-    s = softcap(z_S) / tau_S, t = softcap(z_T) / tau_T, log p = log_softmax(s), log q = log_softmax(t)
+    s = softcap(z_S) / tau_S, t = softcap(z_T) / tau_T,
+    log p = log_softmax(s), log q = log_softmax(t)
     forward_kl  = KL(q || p) = sum_v q_v (log q_v - log p_v)            (jsd with beta = 0)
     reverse_kl  = KL(p || q) = sum_v p_v (log p_v - log q_v)            (jsd with beta = 1)
     jsd(beta)   = beta KL(q || m) + (1 - beta) KL(p || m),  m = beta q + (1 - beta) p
@@ -109,7 +110,9 @@ def reference_stats(
         loss = -advantage * logprob_s
         s_d, t_d = s, t
     else:
-        s_d, t_d = (s, t) if top_k is None else _top_k_support(s, t, top_k, top_k_source, tail_bucket)
+        s_d, t_d = s, t
+        if top_k is not None:
+            s_d, t_d = _top_k_support(s, t, top_k, top_k_source, tail_bucket)
         terms = divergence_terms(s_d.log_softmax(-1), t_d.log_softmax(-1), divergence, beta)
         if clip is not None:
             terms = torch.where(terms < clip, terms, torch.full_like(terms, clip))

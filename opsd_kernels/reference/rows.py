@@ -26,8 +26,11 @@ def _log_softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     probs = (x - row_max).exp_()
     total = probs.sum(-1, keepdim=True)
     probs.div_(total)
-    lse = total.log_().add_(row_max)
-    return x.sub_(lse).clamp_min_(_LOG_FLOOR), probs, lse.squeeze(-1)
+    log_total = total.log_()
+    # (x - max) - log Z, not x - (max + log Z): the latter rounds lse at the magnitude of the
+    # logits, which is all of log p for a confident row at large |z| or a tiny temperature.
+    log_probs = x.sub_(row_max).sub_(log_total).clamp_min_(_LOG_FLOOR)
+    return log_probs, probs, (log_total + row_max).squeeze(-1)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,8 @@ def divergence_rows_torch_(
             grad.mul_(ds_dz)
             ds_dz = 1.0
         torch.mul(grad, (row_coef * ds_dz).unsqueeze(-1), out=s)
+        if valid is not None:
+            s.masked_fill_(~valid.unsqueeze(-1), 0.0)  # masked rows may hold inf / NaN logits
 
 
 def _terms_and_weights(
