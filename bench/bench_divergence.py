@@ -20,8 +20,8 @@ import platform
 import pytest
 import torch
 
-from opsd_kernels.profiling import cpu_peak_supported, peak_bytes
 from bench.peers import PEERS, Case, Inputs, Peer, Step, make_inputs
+from opsd_kernels.profiling import cpu_peak_supported, peak_bytes
 
 SMOKE = os.environ.get("OPSD_BENCH_SMOKE") == "1"
 DEVICE = torch.device(
