@@ -5,13 +5,13 @@ Importing this module touches neither CUDA nor Triton; availability is probed la
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
 
 import torch
 
+from opsd_kernels import _native
 from opsd_kernels.types import BACKENDS
 
 
@@ -31,14 +31,20 @@ def triton_status() -> str | None:
     return None
 
 
-@functools.cache
 def native_status() -> str | None:
-    """None when the compiled extension opsd_kernels._C is importable, else why not."""
-    try:
-        importlib.import_module("opsd_kernels._C")
-    except ImportError as err:
-        return f"the native extension opsd_kernels._C is not built ({err})"
-    return None
+    """None when the compiled extension opsd_kernels._C loads, else why not."""
+    return _native.native_status()
+
+
+def _native_runs_on_cpu() -> bool:
+    return _native.device_error(torch.device("cpu")) is None
+
+
+# The mark torch.compiler.assume_constant_result sets (torch marks its own justknobs_check the
+# same way), set by hand because that function imports torch._dynamo, and with it Triton, at
+# package import. torch.compile then calls this once and bakes in the answer instead of
+# tracing the extension's import.
+_native_runs_on_cpu._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _triton_error(device: torch.device) -> str | None:
@@ -58,7 +64,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {choice!r}")
     if choice == "auto":
         if device.type != "cuda":
-            return "torch"
+            # On CPU the native row step is several times faster than the PyTorch one
+            # (bench/bench_native.py); without the extension, PyTorch is the fallback.
+            return "native" if device.type == "cpu" and _native_runs_on_cpu() else "torch"
         why = _triton_error(device)
         if why is None:
             return "triton"
@@ -70,11 +78,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if why is not None:
             raise RuntimeError(f"backend='triton' cannot run: {why}")
     if choice == "native":
-        why = native_status()
+        why = _native.device_error(device)
         if why is not None:
             raise RuntimeError(f"backend='native' cannot run: {why}")
-        raise NotImplementedError("backend='native': the native divergence kernels are not "
-                                  "wired into the loss yet; use backend='torch' or 'triton'")
     return choice
 
 
@@ -92,6 +98,6 @@ def env_report() -> dict[str, str]:
         why = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
     report["triton"] = "usable" if why is None else f"unusable: {why}"
     why = native_status()
-    report["native"] = "built" if why is None else f"unusable: {why}"
+    report["native"] = f"built ({_native.native_summary()})" if why is None else f"unusable: {why}"
     report["cuda"] = torch.cuda.get_device_name() if cuda else "no CUDA device"
     return report

@@ -1,9 +1,9 @@
 """The chunked driver shared by every backend: logits for a block of rows, the row step, the
 gradient GEMMs. Its workspace is O(chunk x V) and independent of the number of tokens.
 
-The row step (Triton kernel, PyTorch form) only ever sees full-vocabulary fp32 rows; top-k
-supports are handled here by gathering the kept logits, running the same row step on them, and
-scattering the gradient back.
+The row step (Triton kernel, native kernel, PyTorch form) only ever sees full-vocabulary fp32
+rows; top-k supports are handled here by gathering the kept logits, running the same row step on
+them, and scattering the gradient back.
 """
 
 from __future__ import annotations
@@ -24,8 +24,17 @@ RowStep = Callable[..., None]
 # cache and keep the peak low.
 DEFAULT_WORKSPACE_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 # fp32 [rows, V] buffers per row beyond the two logits blocks: the PyTorch row step keeps a few
-# temporaries alive; the Triton kernel keeps none.
-_EXTRA_ROW_BUFFERS = {"torch": 8, "triton": 0}
+# temporaries alive; the Triton and native kernels keep none (native: three rows per thread).
+_EXTRA_ROW_BUFFERS = {"torch": 8, "triton": 0, "native": 0}
+# On CPU the native chunk is sized as if it kept two: its peak then stays below the PyTorch
+# step's at the same budget (whose 8 is a bound it does not reach), for ~10% more GEMM time
+# than a full-budget chunk (every chunk re-reads the head; bench/bench_native.py).
+_CPU_EXTRA_ROW_BUFFERS = {**_EXTRA_ROW_BUFFERS, "native": 2}
+
+
+def extra_row_buffers(backend: str, device: torch.device) -> int:
+    table = _EXTRA_ROW_BUFFERS if device.type == "cuda" else _CPU_EXTRA_ROW_BUFFERS
+    return table.get(backend, 2)
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,10 @@ def row_step_for(backend: str) -> RowStep:
         return divergence_rows_triton_
     if backend == "torch":
         return divergence_rows_torch_
+    if backend == "native":
+        from opsd_kernels._native import divergence_rows_native_
+
+        return divergence_rows_native_
     raise ValueError(f"backend: no row step for {backend!r}")
 
 
@@ -52,7 +65,7 @@ def chunk_rows(
     if chunk_size is not None:
         return max(1, min(chunk_size, n_rows))
     budget = DEFAULT_WORKSPACE_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    per_row = 4 * vocab * (2 + _EXTRA_ROW_BUFFERS.get(backend, 2))
+    per_row = 4 * vocab * (2 + extra_row_buffers(backend, device))
     return max(1, min(n_rows, budget // per_row))
 
 

@@ -34,10 +34,12 @@ def _fp32_operand(w: torch.Tensor) -> torch.Tensor:
     return w.float()
 
 
-def _logits_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T (+ bias) with an fp32 result; never a bf16 GEMM output rounded, then upcast."""
+def _logits_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) with an fp32 result; never a bf16 GEMM output rounded, then upcast.
+    `out`: a workspace to write it into (fp32 weights only)."""
     if w.dtype == torch.float32:
-        out = x.float() @ w.t()
+        out = x.float() @ w.t() if out is None else torch.mm(x.float(), w.t(), out=out)
     else:
         out = torch.mm(x, w.t(), out_dtype=torch.float32)
     if bias is not None:
@@ -79,20 +81,27 @@ def fused_linear_forward_backward(
     shared = w_t is None
     w_t_mm = w_mm if shared else _fp32_operand(w_t)
     rows = chunk_rows(n, vocab, backend, chunk_size, h_s.device)
+    # One logits workspace for every chunk: paged in once, and the peak holds one chunk's
+    # logits, not two (a new chunk's would be allocated before the last one's are freed).
+    ws = None
+    if w_mm.dtype == torch.float32 and w_t_mm.dtype == torch.float32:
+        ws = torch.empty(2 * rows, vocab, dtype=torch.float32, device=h_s.device)
     for start in range(0, n, rows):
         end = min(start + rows, n)
+        m = end - start
         h_c = h_s[start:end]
         if shared:
             # One GEMM for both roles; the two halves are row blocks of one buffer.
-            both = _logits_fp32(torch.cat([h_c, h_t[start:end]]), w_mm, None)
-            s, t = both[: end - start], both[end - start :]
+            both = _logits_fp32(torch.cat([h_c, h_t[start:end]]), w_mm, None,
+                                None if ws is None else ws[: 2 * m])
+            s, t = both[:m], both[m:]
             if b_s is not None:
                 s += b_s.float()
             if b_t is not None:
                 t += b_t.float()
         else:
-            s = _logits_fp32(h_c, w_mm, b_s)
-            t = _logits_fp32(h_t[start:end], w_t_mm, b_t)
+            s = _logits_fp32(h_c, w_mm, b_s, None if ws is None else ws[:m])
+            t = _logits_fp32(h_t[start:end], w_t_mm, b_t, None if ws is None else ws[rows:rows + m])
         labels_c = None if labels is None else labels[start:end]
         run_row_step(step, s, t, labels_c, coef[start:end], stats[start:end], opts, write_grad,
                      top_k)
@@ -140,10 +149,12 @@ def logits_forward_backward(
         grad = torch.empty(n, vocab, dtype=logits_grad_dtype(student_logits.dtype),
                            device=student_logits.device)
     rows = chunk_rows(n, vocab, backend, chunk_size, student_logits.device)
+    # One fp32 workspace for every chunk (see fused_linear_forward_backward).
+    ws = torch.empty(min(rows, n), vocab, dtype=torch.float32, device=student_logits.device)
     for start in range(0, n, rows):
         end = min(start + rows, n)
         # A copy even for fp32 input: the row step writes the gradient over it.
-        s = student_logits[start:end].to(torch.float32, copy=True)
+        s = ws[: end - start].copy_(student_logits[start:end])
         t = teacher_logits[start:end].float()
         labels_c = None if labels is None else labels[start:end]
         run_row_step(step, s, t, labels_c, coef[start:end], stats[start:end], opts, need_grad,

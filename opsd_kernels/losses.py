@@ -174,8 +174,9 @@ def fused_linear_divergence(
         num_items: replaces the denominator of "mean" / "sequence_mean" (global token or
             sequence count for gradient accumulation and data parallelism).
         logit_softcap: logits become ``cap * tanh(z / cap)`` before the temperature (Gemma 2).
-        backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "native" or "torch";
-            the environment variable OPSD_BACKEND overrides "auto".
+        backend: "auto" (Triton on CUDA; on CPU the native kernels when built, else
+            PyTorch), "triton", "native" or "torch"; the environment variable OPSD_BACKEND
+            overrides "auto".
         return_stats: also return a :class:`DivergenceStats` of per-token by-products.
         chunk_size: rows per chunk; by default as many as fit the workspace (512 MiB on a
             GPU, 64 MiB on a CPU), whatever N is.

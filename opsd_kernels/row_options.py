@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Integer codes of the divergence kinds in every kernel (Triton constexprs, csrc/divergence.h).
+KIND_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "sampled": 3}
+
 
 @dataclass(frozen=True)
 class RowOptions:

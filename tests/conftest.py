@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from opsd_kernels import divergence, fused_linear_divergence  # noqa: E402
+from opsd_kernels._native import device_error  # noqa: E402
 from opsd_kernels.reference.divergence import reference_reduce, reference_stats  # noqa: E402
 from opsd_kernels.types import STAT_NAMES  # noqa: E402
 
@@ -45,6 +46,9 @@ def _triton_usable() -> bool:
 
 
 HAS_TRITON = _triton_usable()
+# The native extension on this device (None when usable, else why not: tests skip with it).
+NATIVE_MISSING = device_error(DEVICE)
+HAS_NATIVE = NATIVE_MISSING is None
 BACKENDS: list[str] = ["torch"] + (["triton"] if HAS_TRITON else [])
 backends = BACKENDS
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not usable here")

@@ -1,7 +1,8 @@
-"""The per-row divergence step: `divergence_rows_torch_` and the Triton kernel's launcher
-`divergence_rows_triton_`, on fp32 [C, V] blocks, against the float64 oracle.
+"""The per-row divergence step: `divergence_rows_torch_`, the Triton kernel's launcher
+`divergence_rows_triton_` and the native one `divergence_rows_native_` (when built), on fp32
+[C, V] blocks, against the float64 oracle (bf16 blocks and the native build: test_native.py).
 
-Contract (both steps): fill `stats` [C, NUM_STATS] completely (0 on masked rows) and, with
+Contract (every step): fill `stats` [C, NUM_STATS] completely (0 on masked rows) and, with
 write_grad, overwrite the student logits with coef_i * d D_i / d z_S (0 on masked rows).
 The stats buffer is poisoned with NaN before every call so that an unwritten element shows.
 """
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import (
     DEVICE,
+    HAS_NATIVE,
     HAS_TRITON,
     assert_close,
     generator,
@@ -32,6 +34,10 @@ if HAS_TRITON:
     from opsd_kernels.ops.divergence import divergence_rows_triton_
 
     STEPS["triton"] = divergence_rows_triton_
+if HAS_NATIVE:
+    from opsd_kernels._native import divergence_rows_native_
+
+    STEPS["native"] = divergence_rows_native_
 STEP_NAMES = list(STEPS)
 
 KINDS = [("jsd", 0.0), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9), ("jsd", 1.0),
@@ -133,11 +139,11 @@ def test_row_step_matches_reference(seed, step, kind, beta, opt_name):
 @pytest.mark.parametrize("step", STEP_NAMES)
 def test_row_step_without_grad(seed, step, kind, beta):
     """write_grad=False: the stats are all written (the student block may be used as scratch
-    space by the PyTorch step; the Triton kernel leaves it untouched)."""
+    space by the PyTorch step; the Triton and native kernels leave it untouched)."""
     opts = _opts(kind, beta, tau_s=0.9, tau_t=1.2, clip=0.05 if kind == "jsd" else None)
     s, t, labels, coef = _block(seed, 5, 130)
     stats, s_after = _run(step, s, t, labels, coef, opts, write_grad=False)
-    if step == "triton":
+    if step in ("triton", "native"):
         assert torch.equal(s_after, s)
     exp_stats, _ = _expected(s, t, labels, coef, opts, kind)
     assert not stats.isnan().any()

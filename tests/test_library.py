@@ -270,7 +270,7 @@ def test_import_without_triton_is_lean() -> None:
         assert not torch.cuda.is_initialized(), "env_report initialised CUDA"
         assert set(report) >= {"torch", "triton", "native", "cuda"}, report
         assert report["triton"].startswith("unusable") and "not installed" in report["triton"]
-        assert report["native"] == "built" or (
+        assert report["native"].startswith("built (CPU kernel ") or (
             report["native"].startswith("unusable") and "opsd_kernels._C" in report["native"])
         # The PyTorch backend still works end to end, and 'triton' says why it cannot run.
         h = torch.randn(4, 8, requires_grad=True)
@@ -338,13 +338,27 @@ def used_backends(monkeypatch) -> list[str]:
 FUNCTIONS = ["fused_linear_divergence", "divergence"]
 
 
+NATIVE_BUILT = backend_mod.native_status() is None
+
+
 @pytest.mark.parametrize("fn_name", FUNCTIONS)
-def test_auto_on_cpu_is_torch(fn_name: str, monkeypatch, used_backends) -> None:
+def test_auto_on_cpu_is_native_when_built_else_torch(fn_name: str, monkeypatch,
+                                                     used_backends) -> None:
     monkeypatch.delenv("OPSD_BACKEND", raising=False)
-    assert backend_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
+    expected = "native" if NATIVE_BUILT else "torch"
+    assert backend_mod.resolve_backend("auto", torch.device("cpu")) == expected
     auto = _call(fn_name, "auto")
+    assert used_backends == [expected]
+    torch.testing.assert_close(auto, _call(fn_name, "torch"), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+def test_auto_on_cpu_without_native_is_torch(fn_name: str, monkeypatch, used_backends) -> None:
+    monkeypatch.delenv("OPSD_BACKEND", raising=False)
+    monkeypatch.setattr(backend_mod, "_native_runs_on_cpu", lambda: False)
+    assert backend_mod.resolve_backend("auto", torch.device("cpu")) == "torch"
+    _call(fn_name, "auto")
     assert used_backends == ["torch"]
-    torch.testing.assert_close(auto, _call(fn_name, "torch"), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("fn_name", FUNCTIONS)
@@ -358,8 +372,12 @@ def test_env_var_overrides_auto_only(fn_name: str, monkeypatch, used_backends) -
     _call(fn_name, "torch")  # an explicit choice ignores the variable
     assert used_backends == ["torch", "torch"]
     monkeypatch.setenv("OPSD_BACKEND", "native")
-    with pytest.raises(RuntimeError, match="native"):
+    if NATIVE_BUILT:
         _call(fn_name, "auto")
+        assert used_backends == ["torch", "torch", "native"]
+    else:
+        with pytest.raises(RuntimeError, match="native"):
+            _call(fn_name, "auto")
 
 
 @needs_triton
@@ -391,8 +409,13 @@ def test_unknown_backend(fn_name: str) -> None:
 
 
 @pytest.mark.parametrize("fn_name", FUNCTIONS)
-def test_native_backend_is_a_clear_error(fn_name: str) -> None:
-    with pytest.raises(RuntimeError, match=r"backend='native'"):
+def test_native_backend_without_the_extension_is_a_clear_error(fn_name: str,
+                                                               monkeypatch) -> None:
+    from opsd_kernels import _native
+
+    why = "the native extension opsd_kernels._C is not built (for this test)"
+    monkeypatch.setattr(_native, "_load", lambda: (None, why))
+    with pytest.raises(RuntimeError, match=r"backend='native' cannot run: .*not built"):
         _call(fn_name, "native")
 
 
@@ -504,14 +527,14 @@ def test_module_bad_options_raise(options: dict, exc, match: str) -> None:
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 def test_chunk_rows_is_capped_independently_of_n(backend: str, device: str) -> None:
     dev, vocab = torch.device(device), 151_936
     cap = chunked.chunk_rows(10**6, vocab, backend, None, dev)
     assert 1 <= cap < 10**6
     for n in (10**7, 10**9, 2**40):
         assert chunked.chunk_rows(n, vocab, backend, None, dev) == cap
-    workspace_per_row = 4 * vocab * (2 + chunked._EXTRA_ROW_BUFFERS[backend])
+    workspace_per_row = 4 * vocab * (2 + chunked.extra_row_buffers(backend, dev))
     assert cap * workspace_per_row <= chunked.DEFAULT_WORKSPACE_BYTES[device]
     assert chunked.chunk_rows(3, vocab, backend, None, dev) == 3  # never more rows than exist
     for n in (7, 100, 10**9):

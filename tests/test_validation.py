@@ -248,7 +248,10 @@ def test_sequence_mean_needs_batch_and_time(entry: str) -> None:
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_native_backend_raises_runtime_error(entry: str) -> None:
+def test_unusable_native_backend_raises_runtime_error(entry: str, monkeypatch) -> None:
+    from opsd_kernels import _native
+
+    monkeypatch.setattr(_native, "_load", lambda: (None, "opsd_kernels._C is not built"))
     fn, make = ENTRY_POINTS[entry]
     _raises(fn, {**make(), "backend": "native"}, "backend", RuntimeError)
 

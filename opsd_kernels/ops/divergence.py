@@ -29,13 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from opsd_kernels.row_options import RowOptions
+from opsd_kernels.row_options import KIND_CODES, RowOptions
 
+# The codes of KIND_CODES (row_options.py), shared with the native kernels.
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
 REVERSE_KL: tl.constexpr = tl.constexpr(1)
 JSD: tl.constexpr = tl.constexpr(2)
 SAMPLED: tl.constexpr = tl.constexpr(3)
-KIND_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "sampled": 3}
 
 # A finite floor for running maxima: exp(-inf - floor) = 0 where exp(-inf - -inf) would be NaN.
 _FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
