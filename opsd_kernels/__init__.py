@@ -1,9 +1,11 @@
 """opsd-kernels: fused kernels for on-policy (self-)distillation of language models.
 
 Importing the package never initialises CUDA and needs neither Triton nor the native extension.
+The Hugging Face integration lives in `opsd_kernels.prefix` (imported on demand).
 """
 
 from opsd_kernels._backend import env_report
+from opsd_kernels.attention import shared_prefix_attention
 from opsd_kernels.losses import (
     DivergenceStats,
     FusedLinearDivergenceLoss,
@@ -21,4 +23,5 @@ __all__ = [
     "divergence_stats",
     "env_report",
     "fused_linear_divergence",
+    "shared_prefix_attention",
 ]

@@ -1,0 +1,252 @@
+"""Shared-prefix attention in plain PyTorch: test oracle, CPU fallback and benchmark baseline.
+
+Shapes (GQA: Hq = rep * Hkv, heads h * rep .. h * rep + rep - 1 of the query read kv head h):
+    query [B, Hq, R, D], key / value [B, Hkv, R, D]          suffix rows, causal within a row
+    prefix_key / prefix_value [G, Hkv, P, D]                  one right-padded prefix per group
+    group_index [B], prefix_lengths [G] (1..P), suffix_lengths [B] (1..R)
+Query r of row b attends to prefix positions [0, prefix_lengths[g]) of g = group_index[b] and to
+suffix positions [0, r] of its own row; queries r >= suffix_lengths[b] are padding: output 0,
+log-sum-exp 0, no gradient anywhere.
+
+- `naive_prefix_attention`: the oracle. Concatenates [prefix K/V of the row's group; suffix K/V]
+  per row, one mask, one softmax. `upcast=False` is plain PyTorch in the input dtype (Hugging
+  Face's eager recipe), the baseline of the flash-attention accuracy rule.
+- `prefix_attention_parts`: the two-part form, attention over each part merged by log-sum-exp.
+  Differentiable by autograd; this is what the "torch" backend runs forward.
+- `prefix_attention_backward`: its analytic backward (flash-attention formulas, merged lse).
+- `sdpa_prefix_attention`: the plain approach the op replaces (prefix K/V repeated per row,
+  torch SDPA over the concatenation with a mask): the benchmark baseline.
+
+The two-part form and its backward run over chunks of rows sized from a workspace budget
+(`WORKSPACE_BYTES`, as the loss's chunked driver does), so their peak is bounded by the budget,
+not by the batch. Each chunk gathers the prefix K/V of its own rows only; a row's prefix copy
+(Hkv P D) is small next to its scores (Hq R P), which any PyTorch form materialises. Stacking
+all rows of a group against a single prefix copy, as the Triton kernels do, would need each
+group's row count on the host (a device sync) to shape the matmuls. Everything here is
+sync-free: lengths and group ids stay tensors and only enter masks and index ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the 16-bit types and fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _defaults(query: Tensor, prefix_key: Tensor, prefix_lengths: Tensor | None,
+              suffix_lengths: Tensor | None, scale: float | None
+              ) -> tuple[Tensor, Tensor, float]:
+    b, r, d = query.shape[0], query.shape[2], query.shape[3]
+    g, p = prefix_key.shape[0], prefix_key.shape[2]
+    if prefix_lengths is None:
+        prefix_lengths = torch.full((g,), p, dtype=torch.int64, device=query.device)
+    if suffix_lengths is None:
+        suffix_lengths = torch.full((b,), r, dtype=torch.int64, device=query.device)
+    return prefix_lengths, suffix_lengths, d**-0.5 if scale is None else float(scale)
+
+
+def naive_prefix_attention(
+    query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor,
+    group_index: Tensor, prefix_lengths: Tensor | None = None,
+    suffix_lengths: Tensor | None = None, *, scale: float | None = None, upcast: bool = True,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The oracle: per row, softmax over the concatenation [prefix of its group; suffix].
+
+    upcast=True: the math runs in fp32 or wider (fp64 inputs stay fp64). upcast=False: scores
+    and the value product in the input dtype, softmax in fp32 and its probabilities rounded
+    back (what a plain PyTorch / Hugging Face eager attention does). Output in the input dtype;
+    lse (if asked) in the math dtype, 0 on padded queries.
+    """
+    prefix_lengths, suffix_lengths, scale = _defaults(query, prefix_key, prefix_lengths,
+                                                      suffix_lengths, scale)
+    b, hq, r, _ = query.shape
+    hkv, p = prefix_key.shape[1], prefix_key.shape[2]
+    rep = hq // hkv
+    dtype = _math_dtype(query.dtype) if upcast else query.dtype
+    keys = torch.cat([prefix_key[group_index], key], dim=2).repeat_interleave(rep, dim=1)
+    values = torch.cat([prefix_value[group_index], value], dim=2).repeat_interleave(rep, dim=1)
+    scores = (query.to(dtype) @ keys.to(dtype).transpose(-1, -2)) * scale  # [B, Hq, R, P + R]
+    pos = torch.arange(r, device=query.device)
+    cols = torch.arange(p, device=query.device)
+    prefix_ok = cols[None, :] < prefix_lengths[group_index][:, None]  # [B, P]
+    causal = pos[None, :] <= pos[:, None]  # [R, R]
+    allowed = torch.cat([prefix_ok[:, None, :].expand(b, r, p),
+                         causal[None].expand(b, r, r)], dim=-1)[:, None]  # [B, 1, R, P + R]
+    # Only key positions are masked: every query keeps at least its own position, so no row is
+    # all -inf (a NaN softmax would poison the gradients even where the output is zeroed).
+    scores = scores.float() if not upcast else scores
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(-1).to(dtype)
+    out = probs @ values.to(dtype)
+    valid = (pos[None, :] < suffix_lengths[:, None])[:, None, :, None]  # [B, 1, R, 1]
+    out = torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    out = out.to(query.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(valid[..., 0], scores.logsumexp(-1), 0.0)
+    return out, lse
+
+
+# Workspace of one chunk of rows (its scores and their temporaries), as in `chunked.py`. On a
+# CPU small chunks are faster too (they stay in cache): at G=2, n=4, P=512, R=128, Hq=4, D=64,
+# one row per chunk ran forward + backward in 0.6x the time of all eight rows at once.
+WORKSPACE_BYTES = {"cuda": 512 * 2**20, "cpu": 16 * 2**20}
+_TEMPORARIES = 8  # fp32 [rows, Hq, R, P + R]-sized buffers alive at once (measured peak)
+
+
+def chunk_rows(query: Tensor, p: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk: the caller's choice, else as many as fit the default workspace."""
+    b, hq, r, _ = query.shape
+    if chunk_size is not None:
+        return max(1, min(chunk_size, b))
+    per_row = _TEMPORARIES * 4 * hq * r * (p + r)
+    budget = WORKSPACE_BYTES["cuda" if query.device.type == "cuda" else "cpu"]
+    return max(1, min(b, budget // per_row))
+
+
+def _scores(q: Tensor, keys: Tensor, scale: float, allowed: Tensor) -> Tensor:
+    """Masked scaled scores of a chunk against one part: [rows, Hkv, rep * R, keys]."""
+    s = (q @ keys.transpose(-1, -2)) * scale
+    return s.masked_fill(~allowed, float("-inf"))
+
+
+class _Chunk:
+    """Rows [i0, i1) in the stacked GQA layout [rows, Hkv, rep * R, D] (t = head_in_group * R
+    + position), their group ids, their groups' prefix K/V and the masks."""
+
+    def __init__(self, i0: int, i1: int, query: Tensor, key: Tensor, value: Tensor,
+                 prefix_key: Tensor, prefix_value: Tensor, group_index: Tensor,
+                 prefix_lengths: Tensor, suffix_lengths: Tensor, acc: torch.dtype) -> None:
+        c, (_, hq, r, d) = i1 - i0, query.shape
+        hkv, p = prefix_key.shape[1], prefix_key.shape[2]
+        device = query.device
+        self.shape = (c, hq, r, d)
+        self.stacked = (c, hkv, hq // hkv * r, d)
+        self.groups = group_index[i0:i1]
+        self.q = query[i0:i1].to(acc).reshape(self.stacked)
+        self.k, self.v = key[i0:i1].to(acc), value[i0:i1].to(acc)
+        # Only this chunk's rows get a copy of their prefix (bounded by the workspace).
+        self.pk = prefix_key.index_select(0, self.groups).to(acc)
+        self.pv = prefix_value.index_select(0, self.groups).to(acc)
+        pos = torch.arange(self.stacked[2], device=device) % r
+        plen = prefix_lengths.index_select(0, self.groups)
+        self.prefix_ok = (torch.arange(p, device=device) < plen[:, None])[:, None, None, :]
+        self.causal = torch.arange(r, device=device)[None, :] <= pos[:, None]
+        self.valid = (pos < suffix_lengths[i0:i1, None])[:, None, :, None]  # [c, 1, rep R, 1]
+
+
+def _chunks(query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor,
+            group_index: Tensor, prefix_lengths: Tensor, suffix_lengths: Tensor,
+            chunk_size: int | None):
+    b, acc = query.shape[0], _math_dtype(query.dtype)
+    step = chunk_rows(query, prefix_key.shape[2], chunk_size)
+    for i0 in range(0, b, step):
+        yield i0, _Chunk(i0, min(b, i0 + step), query, key, value, prefix_key, prefix_value,
+                         group_index, prefix_lengths, suffix_lengths, acc)
+
+
+def prefix_attention_parts(
+    query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor,
+    group_index: Tensor, prefix_lengths: Tensor | None = None,
+    suffix_lengths: Tensor | None = None, *, scale: float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Two-part attention with the log-sum-exp merge, a chunk of rows at a time; (out, lse).
+
+    out in the input dtype, lse in the math dtype (fp32, or fp64 for fp64 inputs); both 0 on
+    padded queries. Differentiable by autograd. chunk_size: rows per chunk (default: from
+    `WORKSPACE_BYTES`).
+    """
+    prefix_lengths, suffix_lengths, scale = _defaults(query, prefix_key, prefix_lengths,
+                                                      suffix_lengths, scale)
+    b, hq, r, _ = query.shape
+    acc = _math_dtype(query.dtype)
+    if b == 0:
+        return query.new_zeros(query.shape), query.new_zeros((0, hq, r), dtype=acc)
+    outs, lses = [], []
+    for _, c in _chunks(query, key, value, prefix_key, prefix_value, group_index,
+                        prefix_lengths, suffix_lengths, chunk_size):
+        s_p = _scores(c.q, c.pk, scale, c.prefix_ok)
+        s_s = _scores(c.q, c.k, scale, c.causal)
+        lse_p, lse_s = s_p.logsumexp(-1, keepdim=True), s_s.logsumexp(-1, keepdim=True)
+        lse = torch.logaddexp(lse_p, lse_s)
+        o = (lse_p - lse).exp() * (s_p.softmax(-1) @ c.pv)
+        o = o + (lse_s - lse).exp() * (s_s.softmax(-1) @ c.v)
+        outs.append(torch.where(c.valid, o, 0.0).reshape(c.shape))
+        lses.append(torch.where(c.valid, lse, 0.0).reshape(c.shape[:3]))
+    return torch.cat(outs).to(query.dtype), torch.cat(lses)
+
+
+def prefix_attention_backward(
+    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor,
+    prefix_value: Tensor, group_index: Tensor, prefix_lengths: Tensor, suffix_lengths: Tensor,
+    out: Tensor, lse: Tensor, scale: float, prefix_grad: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Analytic gradients (dq, dk, dv, dprefix_k, dprefix_v) of `prefix_attention_parts`.
+
+    With p_ij = exp(s_ij - lse_i) over both parts (lse the merged one), Delta_i = dO_i . O_i:
+    dV_j = sum_i p_ij dO_i, dS_ij = p_ij (dO_i . V_j - Delta_i), dQ_i = scale sum_j dS_ij K_j,
+    dK_j = scale sum_i dS_ij Q_i; prefix dK / dV summed over every row of the group.
+    Gradients in the input dtype; prefix ones None unless prefix_grad.
+    """
+    g_count, hkv, p, d = prefix_key.shape
+    acc = _math_dtype(query.dtype)
+    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    dpk = query.new_zeros((g_count, hkv, p, d), dtype=acc) if prefix_grad else None
+    dpv = query.new_zeros((g_count, hkv, p, d), dtype=acc) if prefix_grad else None
+    for i0, c in _chunks(query, key, value, prefix_key, prefix_value, group_index,
+                         prefix_lengths, suffix_lengths, chunk_size):
+        rows = slice(i0, i0 + c.shape[0])
+        do = torch.where(c.valid, grad_out[rows].to(acc).reshape(c.stacked), 0.0)
+        delta = torch.linalg.vecdot(do, out[rows].to(acc).reshape(c.stacked))[..., None]
+        lse_c = lse[rows].to(acc).reshape(c.stacked[:3])[..., None]
+        dq_c = torch.zeros_like(c.q)
+        for keys, vals, allowed, is_prefix in ((c.pk, c.pv, c.prefix_ok, True),
+                                               (c.k, c.v, c.causal, False)):
+            # where, not a product: a padded query's lse is 0, so its exp may overflow.
+            probs = torch.where(c.valid, (_scores(c.q, keys, scale, allowed) - lse_c).exp(), 0.0)
+            ds = probs * (do @ vals.transpose(-1, -2) - delta)
+            dq_c += ds @ keys
+            grad_k = (ds.transpose(-1, -2) @ c.q) * scale
+            grad_v = probs.transpose(-1, -2) @ do
+            if not is_prefix:
+                dk[rows], dv[rows] = grad_k, grad_v
+            elif prefix_grad:
+                dpk.index_add_(0, c.groups, grad_k)  # sums the rows of each group
+                dpv.index_add_(0, c.groups, grad_v)
+        dq[rows] = (dq_c * scale).reshape(c.shape)
+    if dpk is not None:
+        dpk, dpv = dpk.to(query.dtype), dpv.to(query.dtype)
+    return dq, dk, dv, dpk, dpv
+
+
+def sdpa_prefix_attention(
+    query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor,
+    group_index: Tensor, prefix_lengths: Tensor | None = None,
+    suffix_lengths: Tensor | None = None, *, scale: float | None = None,
+) -> Tensor:
+    """The plain approach: repeat each group's prefix K/V per row, concatenate, and run torch
+    SDPA with a boolean mask (GQA expanded). Padded queries give 0."""
+    prefix_lengths, suffix_lengths, scale = _defaults(query, prefix_key, prefix_lengths,
+                                                      suffix_lengths, scale)
+    b, hq, r, _ = query.shape
+    hkv, p = prefix_key.shape[1], prefix_key.shape[2]
+    keys = torch.cat([prefix_key[group_index], key], dim=2)
+    values = torch.cat([prefix_value[group_index], value], dim=2)
+    pos = torch.arange(r, device=query.device)
+    prefix_ok = (torch.arange(p, device=query.device)[None, :]
+                 < prefix_lengths[group_index][:, None])
+    causal = pos[None, :] <= pos[:, None]
+    mask = torch.cat([prefix_ok[:, None, :].expand(b, r, p), causal[None].expand(b, r, r)],
+                     dim=-1)[:, None]
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=hq != hkv)
+    valid = (pos[None, :] < suffix_lengths[:, None])[:, None, :, None]
+    return out * valid
