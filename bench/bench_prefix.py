@@ -1,0 +1,236 @@
+"""Shared-prefix forward vs the plain batch on the same Hugging Face model: time, tokens and
+incremental peak memory of the two OPSD roles.
+
+    python -m pytest bench/bench_prefix.py -s --benchmark-json=.benchmarks/prefix.json
+
+One group of n rollouts sharing a prompt of P tokens; each rollout has R tokens.
+- student (forward + backward, all parameters trainable): plain = the batch of n sequences
+  [prompt ; rollout], n (P + R) tokens; shared = `shared_prefix_forward`, P + n R tokens.
+  Loss on the hidden states that predict the rollout tokens (the prompt's last one and the
+  rollout's), so both compute the same numbers.
+- teacher (forward under no_grad): the prompt is followed by S teacher-only tokens (the
+  privileged solution). plain = n sequences [prompt ; solution ; rollout], n (P + S + R) tokens;
+  shared = `prefix_forward` (P) + `extend_prefix` (S) + the rollouts (n R), everything
+  recomputed in the timed step (a trainer would reuse the student's prompt K/V and save P more).
+
+Cases: CPU, a small Qwen3-shaped model in fp32 (4 layers, hidden 256; P = S = 256, R = 128,
+n = 8); CUDA (skipped without one), a random-init Qwen3-1.7B-shaped model in bf16 with
+P = S = R = 1024, n = 8. Every shared row records `speedup` and `peak_vs_plain` against the
+plain row measured in the same run and the largest difference of their hidden states; the last
+test prints the table with the targets (student >= 1.5x, teacher >= 2x, lower peak).
+Knobs: OPSD_BENCH_SMOKE=1 (tiny model, one round), OPSD_BENCH_ROUNDS.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from opsd_kernels.prefix import extend_prefix, prefix_forward, shared_prefix_forward  # noqa: E402
+from opsd_kernels.profiling import peak_bytes  # noqa: E402
+
+SMOKE = os.environ.get("OPSD_BENCH_SMOKE") == "1"
+TARGET_SPEEDUP = {"student": 1.5, "teacher": 2.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    device: str
+    dtype: torch.dtype
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    p: int  # shared prompt
+    s: int  # teacher-only tokens
+    r: int  # rollout
+    n: int  # rollouts per prompt
+
+    @property
+    def label(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        return f"{self.name}-P{self.p}-S{self.s}-R{self.r}-n{self.n}-{dt}"
+
+    def tokens(self, role: str, impl: str) -> int:
+        head = self.p + (self.s if role == "teacher" else 0)
+        return self.n * (head + self.r) if impl == "plain" else head + self.n * self.r
+
+
+def _cases() -> list[Case]:
+    if SMOKE:
+        return [Case("smoke", "cpu", torch.float32, 2, 64, 4, 2, 16, 128, 128, 16, 16, 8, 4)]
+    return [
+        Case("cpu-small", "cpu", torch.float32, 4, 256, 8, 4, 32, 768, 1024, 256, 256, 128, 8),
+        Case("qwen3-1.7b", "cuda", torch.bfloat16, 28, 2048, 16, 8, 128, 6144, 151936,
+             1024, 1024, 1024, 8),
+    ]
+
+
+def _rounds(case: Case) -> tuple[int, int]:
+    if SMOKE:
+        return 1, 0
+    default = 10 if case.device == "cuda" else 3
+    return int(os.environ.get("OPSD_BENCH_ROUNDS", default)), 2 if case.device == "cuda" else 0
+
+
+@functools.lru_cache(maxsize=1)
+def _model(case: Case) -> torch.nn.Module:
+    config = transformers.Qwen3Config(
+        vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
+        num_hidden_layers=case.layers, num_attention_heads=case.heads,
+        num_key_value_heads=case.kv_heads, head_dim=case.head_dim,
+        max_position_embeddings=max(4096, case.p + case.s + case.r), rope_theta=1e6,
+        tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(case.device):
+        model = transformers.Qwen3ForCausalLM(config)
+    return model.to(case.dtype).eval()
+
+
+@dataclass
+class Inputs:
+    prompt: torch.Tensor  # [1, P]
+    solution: torch.Tensor  # [1, S]
+    rollouts: torch.Tensor  # [n, R]
+    group_index: torch.Tensor  # [n] zeros
+
+
+@functools.lru_cache(maxsize=1)
+def _inputs(case: Case) -> Inputs:
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(1, case.vocab, shape, generator=g).to(case.device)
+           for shape in ((1, case.p), (1, case.s), (case.n, case.r))]
+    return Inputs(*ids, torch.zeros(case.n, dtype=torch.int64, device=case.device))
+
+
+def _sync(case: Case) -> None:
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _loss(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.float().square().mean()
+
+
+def _build(case: Case, role: str, impl: str) -> Callable[[], torch.Tensor]:
+    """A step returning the hidden states that predict the rollout tokens, [n, R, H]."""
+    model, inp = _model(case), _inputs(case)
+    decoder = model.get_decoder()
+    n = case.n
+    head = inp.prompt if role == "student" else torch.cat([inp.prompt, inp.solution], dim=1)
+
+    def plain() -> torch.Tensor:
+        ids = torch.cat([head.expand(n, -1), inp.rollouts], dim=1)
+        hidden = decoder(ids, use_cache=False).last_hidden_state
+        return hidden[:, head.shape[1] - 1:-1]
+
+    def shared() -> torch.Tensor:
+        if role == "student":
+            out = shared_prefix_forward(model, inp.prompt, inp.rollouts, inp.group_index)
+        else:
+            state = extend_prefix(model, prefix_forward(model, inp.prompt), inp.solution)
+            out = shared_prefix_forward(model, state, inp.rollouts, inp.group_index)
+        last = out.prefix_last_hidden[inp.group_index][:, None]
+        return torch.cat([last, out.hidden_states[:, :-1]], dim=1)
+
+    forward = plain if impl == "plain" else shared
+
+    def step() -> torch.Tensor:
+        if role == "teacher":
+            with torch.no_grad():
+                return forward()
+        model.zero_grad(set_to_none=True)
+        hidden = forward()
+        _loss(hidden).backward()
+        return hidden.detach()
+
+    return step
+
+
+# (case label, role, impl) -> (median seconds, peak bytes, tokens)
+_RESULTS: dict[tuple[str, str, str], tuple[float, int | None, int]] = {}
+_PLAIN_HIDDEN: dict[tuple[str, str], torch.Tensor] = {}
+
+PARAMS = [pytest.param(case, role, impl, id=f"{role}-{impl}-{case.label}")
+          for case in _cases() for role in ("student", "teacher") for impl in ("plain", "shared")]
+
+
+@pytest.mark.parametrize(("case", "role", "impl"), PARAMS)
+def test_prefix(benchmark, case: Case, role: str, impl: str) -> None:
+    if case.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    step = _build(case, role, impl)
+    step()  # warm-up: Triton compilation, lazy initialisation
+    _sync(case)
+    device = torch.device(case.device)
+    try:
+        peak, hidden = peak_bytes(step, device)
+    except torch.OutOfMemoryError as e:
+        pytest.skip(f"{role}/{impl} ran out of memory: {str(e).splitlines()[0]}")
+    if impl == "plain":
+        _PLAIN_HIDDEN[(case.label, role)] = hidden.float()
+    reference = _PLAIN_HIDDEN.get((case.label, role))
+
+    def timed() -> torch.Tensor:
+        out = step()
+        _sync(case)
+        return out
+
+    rounds, warmup = _rounds(case)
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    median = benchmark.stats.stats.median
+    tokens = case.tokens(role, impl)
+    _RESULTS[(case.label, role, impl)] = (median, peak, tokens)
+    info = dict(case=case.label, role=role, impl=impl, tokens=tokens, peak_bytes=peak,
+                device=case.device, device_name=torch.cuda.get_device_name()
+                if case.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                load_avg_1min=os.getloadavg()[0], torch=torch.__version__,
+                transformers=transformers.__version__, smoke=SMOKE)
+    plain = _RESULTS.get((case.label, role, "plain"))
+    if impl == "shared" and plain is not None:
+        info["speedup"] = plain[0] / median
+        if peak and plain[1]:
+            info["peak_vs_plain"] = peak / plain[1]
+    if impl == "shared" and reference is not None:
+        err = (hidden.float() - reference).abs().max() / reference.abs().max()
+        info["hidden_rel_err_vs_plain"] = err.item()
+        # Same math, or the timing compares nothing (bf16: two roundings of deep sums).
+        assert info["hidden_rel_err_vs_plain"] < (1e-3 if case.dtype == torch.float32 else 0.1)
+    benchmark.extra_info.update(info)
+    del hidden
+    gc.collect()
+    if case.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def test_print_summary() -> None:
+    """The ratio table of this run, with the targets (pytest -s shows it)."""
+    if not _RESULTS:
+        pytest.skip("nothing ran")
+    mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"  # noqa: E731
+    lines = [f"{'case':<38} {'role':<8} {'plain ms':>9} {'shared ms':>9} {'speed-up':>8} "
+             f"{'tokens plain/shared':>19} {'peak MiB plain/shared':>21}  target"]
+    for (label, role, impl), (t_shared, p_shared, n_shared) in _RESULTS.items():
+        if impl != "shared" or (label, role, "plain") not in _RESULTS:
+            continue
+        t_plain, p_plain, n_plain = _RESULTS[(label, role, "plain")]
+        speedup = t_plain / t_shared
+        lower_peak = p_plain is not None and p_shared is not None and p_shared < p_plain
+        ok = speedup >= TARGET_SPEEDUP[role] and lower_peak
+        lines.append(f"{label:<38} {role:<8} {t_plain * 1e3:>9.1f} {t_shared * 1e3:>9.1f} "
+                     f"{speedup:>7.2f}x {f'{n_plain}/{n_shared}':>19} "
+                     f"{f'{mib(p_plain)}/{mib(p_shared)}':>21}  "
+                     f"{'PASS' if ok else 'FAIL'} (>= {TARGET_SPEEDUP[role]}x, lower peak)")
+    print("\n" + "\n".join(lines))
