@@ -49,7 +49,9 @@ HAS_TRITON = _triton_usable()
 # The native extension on this device (None when usable, else why not: tests skip with it).
 NATIVE_MISSING = device_error(DEVICE)
 HAS_NATIVE = NATIVE_MISSING is None
-BACKENDS: list[str] = ["torch"] + (["triton"] if HAS_TRITON else [])
+# Every backend that runs here goes through the same loss-level sweep.
+BACKENDS: list[str] = (["torch"] + (["triton"] if HAS_TRITON else [])
+                       + (["native"] if HAS_NATIVE else []))
 backends = BACKENDS
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not usable here")
 
