@@ -158,6 +158,20 @@ def _real_prefix(batch: Batch) -> list[torch.Tensor]:
 # --- equivalence with the plain forward --------------------------------------------------------
 
 
+def _check_against_plain(model, batch, prefixes, out, ours_grads, w_s, w_p, dtype, what):
+    """The oracle: each row [prefix ; suffix] run alone without padding; hidden states, prefix
+    last hidden and every parameter gradient of the same weighted loss must agree."""
+    rows = plain_rows(model, [prefixes[g] for g in batch.group_index], _real_suffix(batch))
+    last = plain_last(model, prefixes)
+    ref_loss = sum((h * w_s[b, :h.shape[0]]).sum() for b, h in enumerate(rows))
+    ref_loss = ref_loss + sum((h * w_p[g]).sum() for g, h in enumerate(last))
+    for b, h in enumerate(rows):
+        assert_close(out.hidden_states[b, :h.shape[0]].detach(), h.detach(), dtype,
+                     f"hidden states of row {b}")
+    assert_close(out.prefix_last_hidden.detach(), torch.stack(last).detach(), dtype, what)
+    compare_grads(ours_grads, param_grads(model, ref_loss), dtype)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -180,17 +194,8 @@ def test_matches_plain_forward(arch: str, dtype: torch.dtype, n: int,
     ours_grads = param_grads(model, (out.hidden_states * w_s).sum()
                              + (out.prefix_last_hidden * w_p).sum())
 
-    prefixes = _real_prefix(batch)
-    rows = plain_rows(model, [prefixes[g] for g in batch.group_index], _real_suffix(batch))
-    last = plain_last(model, prefixes)
-    ref_loss = sum((h * w_s[b, :h.shape[0]]).sum() for b, h in enumerate(rows))
-    ref_loss = ref_loss + sum((h * w_p[g]).sum() for g, h in enumerate(last))
-    for b, h in enumerate(rows):
-        assert_close(out.hidden_states[b, :h.shape[0]].detach(), h.detach(), dtype,
-                     f"hidden states of row {b}")
-    assert_close(out.prefix_last_hidden.detach(), torch.stack(last).detach(), dtype,
-                 "prefix last hidden")
-    compare_grads(ours_grads, param_grads(model, ref_loss), dtype)
+    _check_against_plain(model, batch, _real_prefix(batch), out, ours_grads, w_s, w_p, dtype,
+                         "prefix last hidden")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -268,16 +273,8 @@ def test_extension_matches_plain_forward(arch: str, checkpointing: bool) -> None
                              + (out.prefix_last_hidden * w_p).sum())
 
     prefixes = [torch.cat([p, extra_ids[g, :e_len[g]]]) for g, p in enumerate(_real_prefix(batch))]
-    rows = plain_rows(model, [prefixes[g] for g in batch.group_index], _real_suffix(batch))
-    last = plain_last(model, prefixes)
-    ref_loss = sum((h * w_s[b, :h.shape[0]]).sum() for b, h in enumerate(rows))
-    ref_loss = ref_loss + sum((h * w_p[g]).sum() for g, h in enumerate(last))
-    for b, h in enumerate(rows):
-        assert_close(out.hidden_states[b, :h.shape[0]].detach(), h.detach(), dtype,
-                     f"hidden states of row {b}")
-    assert_close(out.prefix_last_hidden.detach(), torch.stack(last).detach(), dtype,
-                 "extended prefix last hidden")
-    compare_grads(ours_grads, param_grads(model, ref_loss), dtype)
+    _check_against_plain(model, batch, prefixes, out, ours_grads, w_s, w_p, dtype,
+                         "extended prefix last hidden")
 
 
 def test_extension_detached_base_gets_no_gradient() -> None:
