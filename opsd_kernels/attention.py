@@ -182,6 +182,17 @@ def _check_float(name: str, x: Tensor, backend: str) -> None:
             f"{backend!r} (float32, bfloat16, float16{', float64' if backend == 'torch' else ''})")
 
 
+def _lengths(name: str, lengths: Tensor | None, count: int, what: str, limit: int,
+             limit_name: str, device: torch.device) -> Tensor:
+    """The real lengths (all `limit` when None), checked to lie in [1, limit]."""
+    if lengths is None:
+        return torch.full((count,), limit, dtype=torch.int64, device=device)
+    checked = _check_index(name, lengths, count, what, device)
+    _check_values((checked >= 1) & (checked <= limit),
+                  f"{name}: values must be in [1, {limit}] ({limit_name})")
+    return checked
+
+
 def _check_index(name: str, x: Tensor, size: int, size_name: str, device: torch.device) -> Tensor:
     v.check(isinstance(x, Tensor), f"{name}: expected a tensor, got {type(x).__name__}")
     v.check(not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool,
@@ -229,18 +240,10 @@ def _validate(query, key, value, prefix_key, prefix_value, group_index, prefix_l
     gi = _check_index("group_index", group_index, b, "B, one per suffix row", device)
     _check_values((gi >= 0) & (gi < g), f"group_index: values must be in [0, {g}) (G = "
                   "prefix_key.shape[0])")
-    if prefix_lengths is None:
-        pl = torch.full((g,), p, dtype=torch.int64, device=device)
-    else:
-        pl = _check_index("prefix_lengths", prefix_lengths, g, "G, one per prefix", device)
-        _check_values((pl >= 1) & (pl <= p), f"prefix_lengths: values must be in [1, {p}] "
-                      "(P = prefix_key.shape[2])")
-    if suffix_lengths is None:
-        sl = torch.full((b,), r, dtype=torch.int64, device=device)
-    else:
-        sl = _check_index("suffix_lengths", suffix_lengths, b, "B, one per suffix row", device)
-        _check_values((sl >= 1) & (sl <= r), f"suffix_lengths: values must be in [1, {r}] "
-                      "(R = query.shape[2])")
+    pl = _lengths("prefix_lengths", prefix_lengths, g, "G, one per prefix", p,
+                  "P = prefix_key.shape[2]", device)
+    sl = _lengths("suffix_lengths", suffix_lengths, b, "B, one per suffix row", r,
+                  "R = query.shape[2]", device)
     if scale is None:
         scale = d**-0.5
     v.check(isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0,
