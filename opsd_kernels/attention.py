@@ -21,7 +21,12 @@ from torch import Tensor
 
 from opsd_kernels import _validate as v
 from opsd_kernels._backend import resolve_backend, triton_status
-from opsd_kernels.reference.attention import prefix_attention_backward, prefix_attention_parts
+from opsd_kernels.reference.attention import (
+    fused_prefix_attention,
+    fused_prefix_attention_backward,
+    prefix_attention_backward,
+    prefix_attention_parts,
+)
 from opsd_kernels.types import BACKENDS
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -36,6 +41,13 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- allocating wrappers --------------------------------------------------------------------------
 
 
+def _fused(device: torch.device) -> bool:
+    """The "torch" backend's form: the fused kernels on CPU, the masked chunked form elsewhere
+    (the fused CPU kernels read group ids on the host, which costs a sync on an accelerator)."""
+    return device.type == "cpu"
+
+
+
 def _forward(q, k, v_, pk, pv, gi, pl, sl, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         from opsd_kernels.ops.attention import shared_prefix_attention_fwd_triton_
@@ -45,7 +57,10 @@ def _forward(q, k, v_, pk, pv, gi, pl, sl, scale: float, backend: str) -> tuple[
         shared_prefix_attention_fwd_triton_(q, k, v_, pk, pv, gi, pl, sl, scale, out, lse)
         return out, lse
     with torch.no_grad():
-        out, lse = prefix_attention_parts(q, k, v_, pk, pv, gi, pl, sl, scale=scale)
+        if _fused(q.device):
+            out, lse = fused_prefix_attention(q, k, v_, pk, pv, gi, pl, sl, scale=scale)
+        else:
+            out, lse = prefix_attention_parts(q, k, v_, pk, pv, gi, pl, sl, scale=scale)
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
@@ -61,9 +76,10 @@ def _backward(grad_out, q, k, v_, pk, pv, gi, pl, sl, out, lse, scale: float, ba
             grad_out, q, k, v_, pk, pv, gi, pl, sl, out, lse, scale, dq, dk, dv,
             dpk if prefix_grad else None, dpv if prefix_grad else None)
         return dq, dk, dv, dpk, dpv
+    backward = fused_prefix_attention_backward if _fused(q.device) else prefix_attention_backward
     with torch.no_grad():
-        dq, dk, dv, dpk, dpv = prefix_attention_backward(grad_out, q, k, v_, pk, pv, gi, pl, sl,
-                                                         out, lse, scale, prefix_grad)
+        dq, dk, dv, dpk, dpv = backward(grad_out, q, k, v_, pk, pv, gi, pl, sl, out, lse, scale,
+                                        prefix_grad)
     if not prefix_grad:
         dpk, dpv = pk.new_empty(_EMPTY), pv.new_empty(_EMPTY)
     return dq, dk, dv, dpk, dpv

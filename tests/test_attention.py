@@ -30,12 +30,15 @@ from conftest import (
     requires_triton,
 )
 
+import opsd_kernels.attention as attention_module
 from opsd_kernels.attention import (
     shared_prefix_attention,
     shared_prefix_attention_backward_op,
     shared_prefix_attention_op,
 )
 from opsd_kernels.reference.attention import (
+    fused_prefix_attention,
+    fused_prefix_attention_backward,
     naive_prefix_attention,
     prefix_attention_backward,
     prefix_attention_parts,
@@ -180,8 +183,8 @@ def test_two_part_reference_and_sdpa_match_naive(seed: int, case_name: str) -> N
 
 @pytest.mark.parametrize("chunk_size", [1, 2, None])
 def test_analytic_backward_matches_autograd(seed: int, chunk_size: int | None) -> None:
-    """`prefix_attention_backward` (the torch backend's backward) against autograd through the
-    two-part form, for any chunking of the rows."""
+    """`prefix_attention_backward` (the torch backend's backward off CPU) against autograd
+    through the two-part form, for any chunking of the rows."""
     case = CASES["gqa_ragged"]
     inp = make_inputs(seed, case, torch.float64)
     want_out, want = run(lambda *a: prefix_attention_parts(*a)[0], inp, torch.float64)
@@ -194,6 +197,54 @@ def test_analytic_backward_matches_autograd(seed: int, chunk_size: int | None) -
                                     chunk_size=chunk_size)
     for name, a, b in zip(NAMES, got, want, strict=True):
         torch.testing.assert_close(a, b, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_fused_form_matches_autograd(seed: int, case_name: str) -> None:
+    """`fused_prefix_attention` and its backward (the torch backend on CPU) in float64 against
+    the oracle's output, lse and autograd gradients: groups whose rows are consecutive (a
+    slice) and scattered (a gather), GQA / MQA, strided inputs, ragged lengths."""
+    case = CASES[case_name]
+    inp = make_inputs(seed, case, torch.float64)
+    want_out, want = oracle(inp)
+    leaves = _leaves(inp, torch.float64)
+    x = [t.detach() for t in leaves.values()]
+    ints = (inp.group_index, inp.prefix_lengths, inp.suffix_lengths)
+    _, want_lse = naive_prefix_attention(*x, *ints, return_lse=True)
+    out, lse = fused_prefix_attention(*x, *ints)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    b, r, g, p = case.b, case.r, case.groups, case.p
+    full = torch.full((b,), r), torch.full((g,), p)
+    sl = inp.suffix_lengths if inp.suffix_lengths is not None else full[0]
+    pl = inp.prefix_lengths if inp.prefix_lengths is not None else full[1]
+    got = fused_prefix_attention_backward(inp.grad_out, *x, inp.group_index, pl, sl, out, lse,
+                                          case.d**-0.5)
+    for name, a, w in zip(NAMES, got, want, strict=True):
+        assert a.is_contiguous(), f"grad of {name}: not contiguous"
+        torch.testing.assert_close(a, w, msg=lambda m, n=name: f"grad of {n}: {m}")
+    no_prefix = fused_prefix_attention_backward(inp.grad_out, *x, inp.group_index, pl, sl, out,
+                                                lse, case.d**-0.5, prefix_grad=False)
+    assert no_prefix[3] is None and no_prefix[4] is None
+    for a, w in zip(no_prefix[:3], got[:3], strict=True):
+        assert torch.equal(a, w)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, *LOW_PRECISION), ids=str)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_masked_form_through_the_op(monkeypatch, seed: int, case_name: str,
+                                    dtype: torch.dtype) -> None:
+    """The masked chunked form, which the torch backend runs off CPU, through the op on CPU
+    against the float64 oracle (fp32 within tolerance, 16-bit by the flash-attention rule)."""
+    monkeypatch.setattr(attention_module, "_fused", lambda device: False)
+    inp = make_inputs(seed, CASES[case_name], dtype)
+    baseline = None if dtype == torch.float32 else plain(inp)
+    _compare(ours(inp, "torch"), oracle(inp), dtype, baseline=baseline)
+
+
+def test_cpu_runs_the_fused_form() -> None:
+    assert attention_module._fused(torch.device("cpu"))
+    assert not attention_module._fused(torch.device("meta"))
 
 
 # --- both backends against the float64 oracle ---------------------------------------------------
@@ -306,10 +357,19 @@ def test_triton_writes_every_output_element(seed: int) -> None:
     assert_close(lse, want_lse, what="lse")
 
 
-@requires_triton
-def test_triton_backward_is_deterministic(seed: int) -> None:
+# The torch backend's two forms (fused on CPU, masked elsewhere), and Triton.
+FORMS = ["torch-fused", "torch-masked"] + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_backward_is_deterministic(monkeypatch, seed: int, form: str) -> None:
+    """Bitwise equal gradients on a rerun; the prefix ones sum over several rows per group
+    (group 2 has three, not consecutive)."""
+    backend = form.split("-")[0]
+    if form == "torch-masked":
+        monkeypatch.setattr(attention_module, "_fused", lambda device: False)
     inp = make_inputs(seed, CASES["gqa_ragged"])
-    first, second = ours(inp, "triton"), ours(inp, "triton")
+    first, second = ours(inp, backend), ours(inp, backend)
     for a, b in zip(first[1], second[1], strict=True):
         assert torch.equal(a, b)
 

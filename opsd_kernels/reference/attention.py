@@ -14,6 +14,10 @@ log-sum-exp 0, no gradient anywhere.
 - `prefix_attention_parts`: the two-part form, attention over each part merged by log-sum-exp.
   Differentiable by autograd; this is what the "torch" backend runs forward.
 - `prefix_attention_backward`: its analytic backward (flash-attention formulas, merged lse).
+- `fused_prefix_attention` / `fused_prefix_attention_backward`: the same two-part form on
+  torch's fused CPU attention kernels (flash-attention style tiles, fp32 statistics; forward
+  returns the lse the merge needs, backward takes the merged out and lse). What the "torch"
+  backend runs on CPU.
 - `sdpa_prefix_attention`: the plain approach the op replaces (prefix K/V repeated per row,
   torch SDPA over the concatenation with a mask): the benchmark baseline.
 
@@ -22,8 +26,17 @@ The two-part form and its backward run over chunks of rows sized from a workspac
 not by the batch. Each chunk gathers the prefix K/V of its own rows only; a row's prefix copy
 (Hkv P D) is small next to its scores (Hq R P), which any PyTorch form materialises. Stacking
 all rows of a group against a single prefix copy, as the Triton kernels do, would need each
-group's row count on the host (a device sync) to shape the matmuls. Everything here is
-sync-free: lengths and group ids stay tensors and only enter masks and index ops.
+group's row count on the host (a device sync) to shape the matmuls. The masked form is
+sync-free: lengths and group ids stay tensors and only enter masks and index ops; it serves any
+device.
+
+The fused form is CPU only, where reading group ids and lengths on the host costs no sync. It
+stacks the rows of each group along the query axis (Hydragen) against one copy of the group's
+prefix cut to its real length, so there is no mask, no prefix copy and no padded prefix key,
+and the kernel itself sums dK_P / dV_P over the group's rows (deterministic). The suffix part is
+one causal call over all rows; a valid query never sees a padded suffix key. Padded queries are
+zeroed after the merge and enter the backward with dO = 0 and lse = +inf (p = 0), so they give
+no gradient anywhere.
 """
 
 from __future__ import annotations
@@ -250,3 +263,114 @@ def sdpa_prefix_attention(
                                          enable_gqa=hq != hkv)
     valid = (pos[None, :] < suffix_lengths[:, None])[:, None, :, None]
     return out * valid
+
+
+# --- fused form (CPU) -----------------------------------------------------------------------------
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _group_rows(group_index: Tensor, prefix_lengths: Tensor
+                ) -> list[tuple[int, int, slice | Tensor]]:
+    """(group, its prefix length, its rows) of every group with rows, read on the host; rows
+    is a slice when they are consecutive (no gather then)."""
+    lengths = prefix_lengths.tolist()
+    members: dict[int, list[int]] = {}
+    for row, g in enumerate(group_index.tolist()):
+        members.setdefault(g, []).append(row)
+    out = []
+    for g, rows in sorted(members.items()):
+        first, n = rows[0], len(rows)
+        consecutive = rows[-1] - first == n - 1
+        out.append((g, lengths[g], slice(first, first + n) if consecutive
+                    else torch.tensor(rows, device=group_index.device)))
+    return out
+
+
+def _stack(x: Tensor, rows: slice | Tensor) -> Tensor:
+    """Rows of one group, [n, H, R, ...] -> [1, H, n R, ...] (row-major along the query axis)."""
+    x = x[rows]
+    return x.transpose(0, 1).reshape(1, x.shape[1], -1, *x.shape[3:])
+
+
+def _unstack(x: Tensor, n: int) -> Tensor:
+    """The inverse of `_stack`: [1, H, n R, ...] -> [n, H, R, ...] (a view)."""
+    return x[0].unflatten(1, (n, -1)).transpose(0, 1)
+
+
+def _count(rows: slice | Tensor) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
+
+
+def fused_prefix_attention(
+    query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor, prefix_value: Tensor,
+    group_index: Tensor, prefix_lengths: Tensor | None = None,
+    suffix_lengths: Tensor | None = None, *, scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`prefix_attention_parts` on torch's fused CPU attention kernels (CPU tensors only; reads
+    group ids and prefix lengths on the host). (out in the input dtype, lse in the math dtype),
+    both contiguous and 0 on padded queries. Not differentiable by autograd: the backward is
+    `fused_prefix_attention_backward`."""
+    prefix_lengths, suffix_lengths, scale = _defaults(query, prefix_key, prefix_lengths,
+                                                      suffix_lengths, scale)
+    b, hq, r, _ = query.shape
+    acc = _math_dtype(query.dtype)
+    if b == 0:
+        return query.new_zeros(query.shape), query.new_zeros((0, hq, r), dtype=acc)
+    q, k, v, pk, pv = (x.to(acc) for x in (query, key, value, prefix_key, prefix_value))
+    out, lse_s = _flash(q, k, v, 0.0, True, scale=scale)
+    o_p, lse_p = torch.empty_like(out), torch.empty_like(lse_s)
+    for g, plen, rows in _group_rows(group_index, prefix_lengths):
+        o, lse = _flash(_stack(q, rows), pk[g:g + 1, :, :plen], pv[g:g + 1, :, :plen], 0.0,
+                        False, scale=scale)
+        n = _count(rows)
+        o_p[rows], lse_p[rows] = _unstack(o, n), _unstack(lse[..., None], n)[..., 0]
+    lse = torch.logaddexp(lse_p, lse_s)
+    out.mul_((lse_s - lse).exp_()[..., None])
+    out.add_(o_p.mul_((lse_p - lse).exp_()[..., None]))
+    valid = (torch.arange(r, device=query.device) < suffix_lengths[:, None])[:, None, :]
+    out = torch.where(valid[..., None], out, 0.0).to(query.dtype)
+    return out, torch.where(valid, lse, 0.0)
+
+
+def fused_prefix_attention_backward(
+    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor,
+    prefix_value: Tensor, group_index: Tensor, prefix_lengths: Tensor, suffix_lengths: Tensor,
+    out: Tensor, lse: Tensor, scale: float, prefix_grad: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of `fused_prefix_attention`, as
+    `prefix_attention_backward` defines them: each part's fused backward with the merged out and
+    lse (p_ij = exp(s_ij - lse_i), Delta_i = dO_i . O_i over both parts). dq sums the parts in
+    the math dtype; dK_P / dV_P are summed over a group's rows inside its one call. Gradients
+    contiguous in the input dtype; prefix ones None unless prefix_grad."""
+    b, _, r, _ = query.shape
+    acc = _math_dtype(query.dtype)
+    dpk = dpv = None
+    if prefix_grad:
+        dpk = torch.zeros(prefix_key.shape, dtype=acc, device=query.device)
+        dpv = torch.zeros(prefix_value.shape, dtype=acc, device=query.device)
+    if b == 0:
+        dq, dk, dv = query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(
+            value.shape)
+    else:
+        q, k, v, pk, pv = (x.to(acc) for x in (query, key, value, prefix_key, prefix_value))
+        valid = (torch.arange(r, device=query.device) < suffix_lengths[:, None])[:, None, :]
+        do = torch.where(valid[..., None], grad_out.to(acc), 0.0)
+        o = out.to(acc)
+        # Padded queries: lse = +inf gives p = exp(s - lse) = 0. Their stored lse 0 would let
+        # exp overflow, and inf * (dO . V - Delta) = inf * 0 is NaN.
+        lse = torch.where(valid, lse.to(acc), float("inf"))
+        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, True, scale=scale)
+        for g, plen, rows in _group_rows(group_index, prefix_lengths):
+            dq_g, dpk_g, dpv_g = _flash_backward(
+                _stack(do, rows), _stack(q, rows), pk[g:g + 1, :, :plen],
+                pv[g:g + 1, :, :plen], _stack(o, rows), _stack(lse[..., None], rows)[..., 0],
+                0.0, False, scale=scale)
+            dq[rows] += _unstack(dq_g, _count(rows))
+            if prefix_grad:
+                dpk[g, :, :plen], dpv[g, :, :plen] = dpk_g[0], dpv_g[0]
+        dq, dk, dv = (x.to(query.dtype).contiguous() for x in (dq, dk, dv))
+    if dpk is not None:
+        dpk, dpv = dpk.to(query.dtype), dpv.to(query.dtype)
+    return dq, dk, dv, dpk, dpv
