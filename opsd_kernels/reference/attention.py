@@ -196,6 +196,14 @@ def prefix_attention_parts(
     return torch.cat(outs).to(query.dtype), torch.cat(lses)
 
 
+def _add_rows_to_groups(total: Tensor, groups: Tensor, rows: Tensor) -> None:
+    """total[groups[i]] += rows[i], one row at a time in row order. A single index_add_ would
+    sum the rows of a group with atomics on CUDA (a different rounding on every run); one row
+    per add never races, costs the same memory traffic, and stays sync-free."""
+    for i in range(rows.shape[0]):
+        total.index_add_(0, groups[i:i + 1], rows[i:i + 1])
+
+
 def prefix_attention_backward(
     grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, prefix_key: Tensor,
     prefix_value: Tensor, group_index: Tensor, prefix_lengths: Tensor, suffix_lengths: Tensor,
@@ -232,8 +240,8 @@ def prefix_attention_backward(
             if not is_prefix:
                 dk[rows], dv[rows] = grad_k, grad_v
             elif prefix_grad:
-                dpk.index_add_(0, c.groups, grad_k)  # sums the rows of each group
-                dpv.index_add_(0, c.groups, grad_v)
+                _add_rows_to_groups(dpk, c.groups, grad_k)
+                _add_rows_to_groups(dpv, c.groups, grad_v)
         dq[rows] = (dq_c * scale).reshape(c.shape)
     if dpk is not None:
         dpk, dpv = dpk.to(query.dtype), dpv.to(query.dtype)
