@@ -32,6 +32,8 @@ padded keys are masked with -inf before the softmax and get dK = dV = 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -403,6 +405,36 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """What every launch of one pass shares: the shapes, the tile sizes and the keyword
+    arguments (block sizes, precision, warps, stages) of its kernels."""
+
+    b: int
+    hq: int
+    hkv: int
+    r: int
+    p: int
+    d: int
+    g: int
+    rep: int
+    block_m: int
+    block_n: int
+    qk_scale2: float  # scale * log2 e
+    meta: dict
+
+
+def _launch(q: torch.Tensor, pk: torch.Tensor, scale: float, phase: str) -> _Launch:
+    """Shapes and the configuration of the "fwd" or "bwd" phase for these inputs."""
+    b, hq, r, d = q.shape
+    g, hkv, p = pk.shape[0], pk.shape[1], pk.shape[2]
+    cfg = _config(d, q.dtype, q.device)
+    bm, bn = cfg[phase]
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=cfg["block_d"], PRECISION=cfg["precision"],
+                num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return _Launch(b, hq, hkv, r, p, d, g, hq // hkv, bm, bn, scale * 1.4426950408889634, meta)
+
+
 def shared_prefix_attention_fwd_triton_(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
     group_index: torch.Tensor, prefix_lengths: torch.Tensor, suffix_lengths: torch.Tensor,
@@ -410,25 +442,19 @@ def shared_prefix_attention_fwd_triton_(
 ) -> None:
     """Write out [B, Hq, R, D] (contiguous, input dtype) and lse [B, Hq, R] (contiguous fp32).
     Inputs: any strides; group_index / lengths int64 on the same device."""
-    b, hq, r, d = q.shape
-    g, hkv = pk.shape[0], pk.shape[1]
-    rep = hq // hkv
-    if b == 0:
+    if q.shape[0] == 0:
         return
-    cfg = _config(d, q.dtype, q.device)
-    (bm, bn), bd = cfg["fwd"], cfg["block_d"]
-    o_p = torch.empty((b, hq, r, d), dtype=torch.float32, device=q.device)
-    lse_p = torch.empty((b, hq, r), dtype=torch.float32, device=q.device)
-    perm, row_start, count, blk_start, block_group = _group_tables(group_index, g, rep * r, bm)
-    qk_scale2 = scale * 1.4426950408889634
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=cfg["precision"],
-                  num_warps=cfg["warps"], num_stages=cfg["stages"])
-    _fwd_prefix_kernel[(block_group.shape[0], hkv)](
+    c = _launch(q, pk, scale, "fwd")
+    o_p = torch.empty((c.b, c.hq, c.r, c.d), dtype=torch.float32, device=q.device)
+    lse_p = torch.empty((c.b, c.hq, c.r), dtype=torch.float32, device=q.device)
+    perm, row_start, count, blk_start, block_group = _group_tables(group_index, c.g,
+                                                                   c.rep * c.r, c.block_m)
+    _fwd_prefix_kernel[(block_group.shape[0], c.hkv)](
         q, pk, pv, o_p, lse_p, block_group, blk_start, perm, row_start, count, prefix_lengths,
-        suffix_lengths, *_strides(q, pk, pv), g, hq, r, d, rep, qk_scale2, **launch)
-    _fwd_suffix_kernel[(triton.cdiv(r, bm), hq, b)](
-        q, k, v, o_p, lse_p, out, lse, suffix_lengths, *_strides(q, k, v), hq, r, d, rep,
-        qk_scale2, **launch)
+        suffix_lengths, *_strides(q, pk, pv), c.g, c.hq, c.r, c.d, c.rep, c.qk_scale2, **c.meta)
+    _fwd_suffix_kernel[(triton.cdiv(c.r, c.block_m), c.hq, c.b)](
+        q, k, v, o_p, lse_p, out, lse, suffix_lengths, *_strides(q, k, v), c.hq, c.r, c.d, c.rep,
+        c.qk_scale2, **c.meta)
 
 
 def shared_prefix_attention_bwd_triton_(
@@ -440,29 +466,24 @@ def shared_prefix_attention_bwd_triton_(
 ) -> None:
     """Write dq, dk, dv and (when given) dpk, dpv, all contiguous in the input dtype.
     grad_out, out [B, Hq, R, D] and lse [B, Hq, R] contiguous; q, k, v, pk, pv any strides."""
-    b, hq, r, d = q.shape
-    g, hkv, p = pk.shape[0], pk.shape[1], pk.shape[2]
-    rep = hq // hkv
-    if b == 0:
+    if q.shape[0] == 0:
         if dpk is not None:
             dpk.zero_()
             dpv.zero_()
         return
-    cfg = _config(d, q.dtype, q.device)
-    (bm, bn), bd = cfg["bwd"], cfg["block_d"]
-    qk_scale2 = scale * 1.4426950408889634
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=cfg["precision"],
-                  num_warps=cfg["warps"], num_stages=cfg["stages"])
-    delta = torch.empty((b, hq, r), dtype=torch.float32, device=q.device)
-    _bwd_dq_kernel[(triton.cdiv(r, bm), hq, b)](
+    c = _launch(q, pk, scale, "bwd")
+    delta = torch.empty((c.b, c.hq, c.r), dtype=torch.float32, device=q.device)
+    _bwd_dq_kernel[(triton.cdiv(c.r, c.block_m), c.hq, c.b)](
         q, k, v, pk, pv, out, grad_out, lse, delta, dq, group_index, prefix_lengths,
-        suffix_lengths, *_strides(q, k, v, pk, pv), hq, r, d, rep, qk_scale2, scale, **launch)
-    _bwd_suffix_dkdv_kernel[(triton.cdiv(r, bn), hkv, b)](
-        q, k, v, grad_out, lse, delta, dk, dv, suffix_lengths, *_strides(q, k, v), hq, hkv, r,
-        d, rep, qk_scale2, scale, **launch)
+        suffix_lengths, *_strides(q, k, v, pk, pv), c.hq, c.r, c.d, c.rep, c.qk_scale2, scale,
+        **c.meta)
+    _bwd_suffix_dkdv_kernel[(triton.cdiv(c.r, c.block_n), c.hkv, c.b)](
+        q, k, v, grad_out, lse, delta, dk, dv, suffix_lengths, *_strides(q, k, v), c.hq, c.hkv,
+        c.r, c.d, c.rep, c.qk_scale2, scale, **c.meta)
     if dpk is None:
         return
-    perm, row_start, count, _, _ = _group_tables(group_index, g, rep * r, bm)
-    _bwd_prefix_dkdv_kernel[(triton.cdiv(p, bn), hkv, g)](
+    perm, row_start, count, _, _ = _group_tables(group_index, c.g, c.rep * c.r, c.block_m)
+    _bwd_prefix_dkdv_kernel[(triton.cdiv(c.p, c.block_n), c.hkv, c.g)](
         q, pk, pv, grad_out, lse, delta, dpk, dpv, perm, row_start, count, prefix_lengths,
-        suffix_lengths, *_strides(q, pk, pv), hq, hkv, r, p, d, rep, qk_scale2, scale, **launch)
+        suffix_lengths, *_strides(q, pk, pv), c.hq, c.hkv, c.r, c.p, c.d, c.rep, c.qk_scale2,
+        scale, **c.meta)
