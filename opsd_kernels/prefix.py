@@ -292,24 +292,49 @@ def _check_index(name: str, x: Any, shape: tuple[int, ...], device: torch.device
     _check(x.device == device, f"{name}: on {x.device}, the model is on {device}")
 
 
-def _lengths(name: str, lengths: Any, ids_name: str, ids: torch.Tensor,
-             pad_token_id: int | None) -> tuple[torch.Tensor, int]:
-    """Checked lengths (default: the full width) and their maximum."""
+def _lengths(name: str, lengths: Any, ids: torch.Tensor,
+             pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lengths of checked shape (default: the full width) and, when given, the values their
+    checks need ([min, max, rows that look left-padded]), still on the device: a call reads all
+    of its values at once (`_read`) and then runs `_check_lengths`."""
     rows, width = ids.shape
     if lengths is None:
-        return torch.full((rows,), width, dtype=torch.int64, device=ids.device), width
+        return torch.full((rows,), width, dtype=torch.int64, device=ids.device), None
     _check_index(name, lengths, (rows,), ids.device)
     left = torch.zeros((), dtype=torch.int64, device=ids.device)
     if pad_token_id is not None:
         left = ((ids[:, 0] == pad_token_id) & (lengths < width)).sum()
-    lo, hi, n_left = torch.stack([lengths.min(), lengths.max(), left]).tolist()  # one sync
+    return lengths, torch.stack([lengths.min(), lengths.max(), left])
+
+
+def _read(*values: torch.Tensor | None) -> list[list[int] | None]:
+    """The values of a call's data checks, read to the host in one transfer (one sync)."""
+    present = [v.reshape(-1) for v in values if v is not None]
+    flat = torch.cat(present).tolist() if present else []
+    out: list[list[int] | None] = []
+    for v in values:
+        if v is None:
+            out.append(None)
+        else:
+            out.append(flat[:v.numel()])
+            flat = flat[v.numel():]
+    return out
+
+
+def _check_lengths(name: str, stats: list[int] | None, ids_name: str, ids: torch.Tensor,
+                   pad_token_id: int | None) -> int:
+    """The checks of `_lengths` on the values read; returns the longest length."""
+    width = ids.shape[1]
+    if stats is None:
+        return width
+    lo, hi, n_left = stats
     _check(lo >= 1, f"{name}: every length must be >= 1 (empty rows are not supported), got "
            f"{lo}")
     _check(hi <= width, f"{name}: length {hi} exceeds the padded width {width} of {ids_name}")
     _check(n_left == 0, f"{ids_name}: {n_left} row(s) start with pad_token_id {pad_token_id} "
            "and are shorter than the padded width, which looks like left padding; pad on the "
            "right (real tokens first) and pass the real lengths")
-    return lengths, hi
+    return hi
 
 
 def _check_state(state: Any, config: Any, device: torch.device) -> None:
@@ -354,8 +379,10 @@ def prefix_forward(model: nn.Module, prefix_ids: torch.Tensor,
     decoder = _check_model(model)
     config = model.config
     _check_ids("prefix_ids", prefix_ids, _device(decoder))
-    lengths, longest = _lengths("prefix_lengths", prefix_lengths, "prefix_ids", prefix_ids,
-                                config.pad_token_id)
+    lengths, stats = _lengths("prefix_lengths", prefix_lengths, prefix_ids, config.pad_token_id)
+    (stats,) = _read(stats)
+    longest = _check_lengths("prefix_lengths", stats, "prefix_ids", prefix_ids,
+                             config.pad_token_id)
     _check_total_length(config, longest, "prefix_lengths")
     return _prefix_pass(model, decoder, prefix_ids, lengths)
 
@@ -380,19 +407,28 @@ def _suffix_pass(model: nn.Module, decoder: nn.Module, state: PrefixState, ids: 
     return _run(model, decoder, ids, positions, call), call
 
 
-def _check_suffix(config: Any, device: torch.device, prefix_lengths: torch.Tensor, groups: int,
-                  suffix_ids: Any, group_index: Any, suffix_lengths: Any,
-                  ) -> torch.Tensor:
+def _suffix_values(config: Any, device: torch.device, prefix_lengths: torch.Tensor,
+                   suffix_ids: Any, group_index: Any, suffix_lengths: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Shape checks of the suffix arguments; (suffix lengths, the values of their checks,
+    [min group, max group, longest prefix + suffix]) for `_check_suffix`."""
     _check_ids("suffix_ids", suffix_ids, device)
     _check_index("group_index", group_index, (suffix_ids.shape[0],), device)
-    lengths, _ = _lengths("suffix_lengths", suffix_lengths, "suffix_ids", suffix_ids,
-                          config.pad_token_id)
-    lo, hi = torch.stack([group_index.min(), group_index.max()]).tolist()
+    lengths, stats = _lengths("suffix_lengths", suffix_lengths, suffix_ids, config.pad_token_id)
+    # Clamped so that an out-of-range group reaches its own check instead of an index error.
+    safe = group_index.clamp(0, prefix_lengths.shape[0] - 1)
+    groups = torch.stack([group_index.min(), group_index.max(),
+                          (prefix_lengths[safe] + lengths).max()])
+    return lengths, stats, groups
+
+
+def _check_suffix(config: Any, groups: int, suffix_ids: torch.Tensor,
+                  stats: list[int] | None, group_values: list[int]) -> None:
+    _check_lengths("suffix_lengths", stats, "suffix_ids", suffix_ids, config.pad_token_id)
+    lo, hi, longest = group_values
     _check(0 <= lo and hi < groups, f"group_index: values must lie in [0, {groups}) (one per "
            f"prefix group), got range [{lo}, {hi}]")
-    longest = int((prefix_lengths[group_index] + lengths).max())
     _check_total_length(config, longest, "prefix_lengths + suffix_lengths")
-    return lengths
 
 
 def shared_prefix_forward(model: nn.Module, prefix_ids: torch.Tensor | PrefixState,
@@ -427,15 +463,20 @@ def shared_prefix_forward(model: nn.Module, prefix_ids: torch.Tensor | PrefixSta
                "PrefixState (it carries its own lengths)")
         state = prefix_ids
         _check_state(state, config, device)
-        lengths = state.lengths
+        lengths, prefix_stats = state.lengths, None
     else:
         _check_ids("prefix_ids", prefix_ids, device)
-        lengths, longest = _lengths("prefix_lengths", prefix_lengths, "prefix_ids", prefix_ids,
-                                    config.pad_token_id)
-        _check_total_length(config, longest, "prefix_lengths")
+        lengths, prefix_stats = _lengths("prefix_lengths", prefix_lengths, prefix_ids,
+                                         config.pad_token_id)
         state = None
-    suffix_lengths = _check_suffix(config, device, lengths, lengths.shape[0], suffix_ids,
-                                   group_index, suffix_lengths)
+    suffix_lengths, suffix_stats, group_values = _suffix_values(
+        config, device, lengths, suffix_ids, group_index, suffix_lengths)
+    prefix_stats, suffix_stats, group_values = _read(prefix_stats, suffix_stats, group_values)
+    if state is None:
+        longest = _check_lengths("prefix_lengths", prefix_stats, "prefix_ids", prefix_ids,
+                                 config.pad_token_id)
+        _check_total_length(config, longest, "prefix_lengths")
+    _check_suffix(config, lengths.shape[0], suffix_ids, suffix_stats, group_values)
     if state is None:
         state = _prefix_pass(model, decoder, prefix_ids, lengths)
     hidden, _ = _suffix_pass(model, decoder, state, suffix_ids, group_index, suffix_lengths,
@@ -480,11 +521,11 @@ def extend_prefix(model: nn.Module, state: PrefixState, extra_ids: torch.Tensor,
     _check_state(state, config, device)
     groups = state.num_groups
     _check_ids("extra_ids", extra_ids, device, rows=groups)
-    lengths, _ = _lengths("extra_lengths", extra_lengths, "extra_ids", extra_ids,
-                          config.pad_token_id)
+    lengths, stats = _lengths("extra_lengths", extra_lengths, extra_ids, config.pad_token_id)
     _check(isinstance(detach_base, bool), f"detach_base: expected a bool, got {detach_base!r}")
-    _check_total_length(config, int((state.lengths + lengths).max()),
-                        "state.lengths + extra_lengths")
+    stats, (longest,) = _read(stats, (state.lengths + lengths).max())
+    _check_lengths("extra_lengths", stats, "extra_ids", extra_ids, config.pad_token_id)
+    _check_total_length(config, longest, "state.lengths + extra_lengths")
     base = state.detach() if detach_base else state
     group_index = torch.arange(groups, device=device)
     hidden, call = _suffix_pass(model, decoder, base, extra_ids, group_index, lengths,

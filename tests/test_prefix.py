@@ -465,6 +465,53 @@ def test_extend_prefix_bad_inputs() -> None:
             extend_prefix(other, state, batch.prefix_ids)
 
 
+class _Validated(Exception):
+    """Raised in place of the model passes: the call got through its checks."""
+
+
+def _stop(*args, **kwargs):
+    raise _Validated
+
+
+def test_each_public_call_reads_the_host_once(monkeypatch) -> None:
+    """The data checks of one call (lengths, left padding, group range, total length) read
+    their values in one transfer: one sync on an accelerator, not one per check."""
+    import opsd_kernels.prefix as prefix
+
+    model = make_model("llama")
+    batch = make_batch(0, 2)
+    with torch.no_grad():
+        state = prefix_forward(model, batch.prefix_ids, batch.prefix_lengths)
+    monkeypatch.setattr(prefix, "_prefix_pass", _stop)
+    monkeypatch.setattr(prefix, "_suffix_pass", _stop)
+    reads = []
+
+    def counted(name: str):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    calls = {
+        "prefix_forward": lambda: prefix_forward(model, batch.prefix_ids, batch.prefix_lengths),
+        "shared_prefix_forward": lambda: _call(model, batch),
+        "shared_prefix_forward(state)": lambda: _call(model, batch, prefix_ids=state,
+                                                      prefix_lengths=None),
+        "extend_prefix": lambda: extend_prefix(model, state, batch.prefix_ids,
+                                               batch.prefix_lengths),
+    }
+    for what, call in calls.items():
+        reads.clear()
+        with pytest.raises(_Validated):
+            call()
+        assert reads == ["tolist"], f"{what}: host reads {reads}"
+
+
 def test_attention_function_outside_a_prefix_call_raises() -> None:
     model = make_model("llama")
     batch = make_batch(0, 1)
