@@ -1,0 +1,51 @@
+"""Final answers: the last ``\\boxed{...}`` of a text, graded with math-verify when it is
+installed and by normalised exact match otherwise. Logged only; never part of the loss."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+_BOXED = "\\boxed{"
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (nested braces allowed), or None."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, begin = 1, start + len(_BOXED)
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i].strip()
+    return None  # unclosed: a truncated response has no answer
+
+
+def _normalise(answer: str) -> str:
+    return re.sub(r"\s+", "", answer).rstrip(".").replace("\\!", "")
+
+
+@functools.cache
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        return None
+    return math_verify
+
+
+def is_correct(response: str, reference: str | None) -> bool:
+    """Whether the response's final boxed answer equals ``reference``."""
+    predicted = last_boxed(response)
+    if predicted is None or reference is None:
+        return False
+    if _normalise(predicted) == _normalise(reference):
+        return True
+    mv = _math_verify()
+    if mv is None:
+        return False
+    try:
+        return bool(mv.verify(mv.parse(f"${reference}$"), mv.parse(f"${predicted}$")))
+    except Exception:  # math-verify raises on unparsable text (and times out on some)
+        return False

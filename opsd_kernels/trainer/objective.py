@@ -1,0 +1,163 @@
+"""The training objective of one micro-batch, as an nn.Module so DDP / FSDP (through
+accelerate) wrap it whole: the student's and the teacher's final hidden states at the
+response tokens, then the fused divergence on the shared lm_head (or, for the supervised
+baseline, cross-entropy on the reference solutions, a chunk of rows at a time).
+
+Hidden state j of a role predicts response token j, so it sits one position before it: the
+prompt's last token for j = 0, response token j - 1 after that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from opsd_kernels.losses import fused_linear_divergence
+from opsd_kernels.trainer.config import OPSDConfig
+from opsd_kernels.trainer.prompts import EncodedProblem
+from opsd_kernels.trainer.teacher import Teacher
+
+IGNORE = -100
+_CE_WORKSPACE = 1 << 28  # bytes of fp32 logits per cross-entropy chunk
+
+
+@dataclass
+class RolloutBatch:
+    problems: list[EncodedProblem]  # G
+    responses: list[list[int]]  # B, each non-empty
+    group_index: list[int]  # B, in [0, G): the problem of each response
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
+
+
+def pad_rows(rows: list[list[int]], pad: int, device: torch.device,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [N, max len] ids and their [N] int64 lengths."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+    ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return ids.to(device), lengths.to(device)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a peft model (LoRA layers injected), or itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          num_items: torch.Tensor) -> torch.Tensor:
+    """sum of -log p(label) over labelled rows / num_items; each chunk's logits are recomputed
+    in backward instead of kept (O(chunk x V) memory)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = (y != IGNORE).nonzero().squeeze(1)
+    flat, y = flat.index_select(0, keep), y.index_select(0, keep)
+    if flat.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph (DDP expects every gradient)
+    rows = max(1, _CE_WORKSPACE // (4 * weight.shape[0]))
+    sums = [checkpoint(_ce_sum, flat[start:start + rows], weight, y[start:start + rows],
+                       use_reentrant=False) for start in range(0, flat.shape[0], rows)]
+    return torch.stack(sums).sum() / num_items
+
+
+def _ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = h @ w.t()
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y,
+                           reduction="sum")
+
+
+class DistillationObjective(nn.Module):
+    def __init__(self, model: nn.Module, teacher: Teacher, config: OPSDConfig,
+                 pad_token_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.teacher = teacher
+        self.config = config
+        self.pad_token_id = pad_token_id
+
+    def forward(self, batch: RolloutBatch, num_items: torch.Tensor,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss (its tokens' share of sum / num_items) and metric sums."""
+        lm = causal_lm(self.model)
+        weight = lm.get_output_embeddings().weight
+        device = weight.device
+        responses, lengths = pad_rows(batch.responses, self.pad_token_id, device)
+        group_index = torch.tensor(batch.group_index, dtype=torch.int64, device=device)
+        steps = torch.arange(responses.shape[1], device=device)
+        labels = responses.masked_fill(steps[None, :] >= lengths[:, None], IGNORE)
+        students = [p.student for p in batch.problems]
+        rows = (responses, lengths, group_index)
+        if self.config.method == "sft":
+            hidden = self._hidden(lm, students, *rows)
+            loss = chunked_cross_entropy(hidden, weight, labels, num_items)
+            return loss, {"tokens": (labels != IGNORE).sum()}
+
+        head = self._shared_head(lm, batch.problems, device)
+        teachers = [p.teacher for p in batch.problems]
+        with torch.no_grad(), self.teacher.weights():
+            teacher_hidden = self._hidden(lm, teachers, *rows, head=head)
+            teacher_weight = weight.detach().clone() if self.teacher.changes(weight) else None
+        student_hidden = self._hidden(lm, students, *rows, head=head)
+        c = self.config
+        loss, stats = fused_linear_divergence(
+            student_hidden, weight, teacher_hidden, teacher_weight, labels=labels,
+            divergence=c.divergence, beta=c.beta, temperature=c.loss_temperature,
+            top_k=c.loss_top_k, clip=c.clip, num_items=num_items, return_stats=True)
+        return loss, {
+            "tokens": (labels != IGNORE).sum(),
+            "divergence": stats.divergence.sum().detach(),
+            "student_entropy": stats.student_entropy.sum().detach(),
+            "teacher_entropy": stats.teacher_entropy.sum().detach(),
+        }
+
+    def _shared_head(self, lm: nn.Module, problems: list[EncodedProblem],
+                     device: torch.device):
+        """The student's pass over the prompts' common head (with grad), when the teacher may
+        read it: same weights, shared prefixes on, and every problem has a head."""
+        if not (self.config.shared_prefix and self.teacher.shares_weights):
+            return None
+        heads = [p.head_length for p in problems]
+        if min(heads) == 0:
+            return None
+        from opsd_kernels.prefix import prefix_forward
+
+        ids, lengths = pad_rows([p.student[:h] for p, h in zip(problems, heads, strict=True)],
+                                self.pad_token_id, device)
+        return prefix_forward(lm, ids, lengths)
+
+    def _hidden(self, lm: nn.Module, prompts: list[list[int]], responses: torch.Tensor,
+                lengths: torch.Tensor, group_index: torch.Tensor, head=None) -> torch.Tensor:
+        """[B, R, H] final hidden states predicting each response token, under ``prompts``."""
+        device = responses.device
+        if self.config.shared_prefix:
+            from opsd_kernels.prefix import extend_prefix, prefix_forward, shared_prefix_forward
+
+            if head is not None:  # the teacher reads it detached; the student backpropagates
+                cut = head.lengths.tolist()
+                tails, tail_lengths = pad_rows([p[h:] for p, h in zip(prompts, cut, strict=True)],
+                                               self.pad_token_id, device)
+                state = extend_prefix(lm, head, tails, tail_lengths,
+                                      detach_base=not torch.is_grad_enabled())
+            else:
+                state = prefix_forward(lm, *pad_rows(prompts, self.pad_token_id, device))
+            out = shared_prefix_forward(lm, state, responses, group_index,
+                                        suffix_lengths=lengths)
+            first = state.last_hidden.index_select(0, group_index)[:, None]
+            return torch.cat([first, out.hidden_states[:, :-1]], dim=1)
+        rows = [prompts[g] + r[:n] for g, r, n in zip(group_index.tolist(), responses.tolist(),
+                                                       lengths.tolist(), strict=True)]
+        ids, seq_lengths = pad_rows(rows, self.pad_token_id, device)
+        mask = torch.arange(ids.shape[1], device=device)[None, :] < seq_lengths[:, None]
+        hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask.long(),
+                                  use_cache=False).last_hidden_state
+        prompt_lengths = seq_lengths - lengths
+        where = prompt_lengths[:, None] - 1 + torch.arange(responses.shape[1], device=device)
+        where = where.clamp_max(ids.shape[1] - 1)  # padded steps: any real row, masked later
+        return hidden.gather(1, where[:, :, None].expand(-1, -1, hidden.shape[-1]))

@@ -1,0 +1,82 @@
+"""Rollouts: responses sampled from the student. `RolloutEngine` is the seam where another
+engine (vLLM, SGLang) plugs in; `HFGenerateEngine` uses transformers' `generate`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    num_samples: int = 1
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Samples responses to token-id prompts from the current student weights.
+
+    ``generate`` returns ``len(prompts) * params.num_samples`` responses, prompt-major (all
+    samples of prompt 0 first), each a list of token ids without the prompt, ending with the
+    eos token when the response finished within ``max_new_tokens``. An engine that holds its
+    own copy of the weights (vLLM) must be synchronised by the caller after each optimizer step.
+    """
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams) -> list[list[int]]: ...
+
+
+class HFGenerateEngine:
+    """`model.generate` on left-padded prompt batches, with the KV cache, in eval mode."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int, eos_token_id: int,
+                 max_batch: int = 64) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.max_batch = max_batch  # prompts per generate call (times num_samples rows)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams) -> list[list[int]]:
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.max_batch):
+            out.extend(self._generate(prompts[start:start + self.max_batch], params))
+        return out
+
+    def _generate(self, prompts: Sequence[Sequence[int]],
+                  params: SamplingParams) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        sampling: dict[str, Any] = {"do_sample": False}
+        if params.temperature > 0:
+            sampling = {"do_sample": True, "temperature": params.temperature,
+                        "top_p": params.top_p, "top_k": params.top_k}  # 0 = off
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            generated = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=params.max_new_tokens, num_return_sequences=params.num_samples,
+                pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True,
+                **sampling)
+        finally:
+            self.model.train(was_training)
+        return [_until_eos(row, self.eos_token_id) for row in generated[:, width:].tolist()]
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens

@@ -1,0 +1,73 @@
+"""The teacher's weights. `current`: the student's own (no grad); `fixed`: the initial policy,
+read by disabling the LoRA adapters (the OPSD reference code's recommended mode); `ema`: an
+exponential moving average of the trainable weights, swapped in for the teacher's passes (no
+second model in memory: only the trainable tensors are kept twice, in fp32)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from opsd_kernels.trainer.config import TeacherMode
+
+
+class Teacher:
+    def __init__(self, mode: TeacherMode, model: nn.Module, ema_decay: float = 0.99) -> None:
+        self.mode = mode
+        self.model = model  # the top-level model (a peft model under LoRA)
+        self.decay = ema_decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ema: list[torch.Tensor] = []
+        if mode == "fixed" and not hasattr(model, "disable_adapter"):
+            raise ValueError("teacher_mode: 'fixed' needs a peft model with LoRA adapters "
+                             "(set lora: true)")
+        if mode == "ema":
+            self.ema = [p.detach().float().clone() for p in self.params]
+
+    @property
+    def shares_weights(self) -> bool:
+        """Whether the teacher runs the student's exact weights (so it may reuse their KV)."""
+        return self.mode == "current"
+
+    def changes(self, param: nn.Parameter) -> bool:
+        """Whether the teacher sees a different value of ``param`` than the student."""
+        return self.mode == "ema" and param.requires_grad
+
+    @contextlib.contextmanager
+    def weights(self) -> Iterator[None]:
+        """The model computes as the teacher inside this block (call it under no_grad)."""
+        if self.mode == "current":
+            yield
+        elif self.mode == "fixed":
+            with self.model.disable_adapter():
+                yield
+        else:
+            student = [p.data for p in self.params]
+            for p, e in zip(self.params, self.ema, strict=True):
+                p.data = e.to(p.dtype)
+            try:
+                yield
+            finally:
+                for p, s in zip(self.params, student, strict=True):
+                    p.data = s
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After each optimizer step: ema <- decay * ema + (1 - decay) * weights."""
+        if self.mode == "ema":
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params],
+                                 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "ema": [e.clone() for e in self.ema]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(f"checkpoint: saved with teacher_mode {state['mode']!r}, the "
+                             f"config says {self.mode!r}")
+        if self.mode == "ema":
+            for e, saved in zip(self.ema, state["ema"], strict=True):
+                e.copy_(saved)

@@ -1,0 +1,225 @@
+"""The training loop on a tiny config-built model: every teacher mode, with and without LoRA
+and shared prefixes, learns; resume continues the interrupted run exactly; bad data and configs
+fail before training; metrics, checkpoints and the final model are written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from trainer_fixtures import problems, small_config, small_model
+
+from opsd_kernels.trainer import OPSDConfig, OPSDTrainer, SamplingParams
+from opsd_kernels.trainer.objective import RolloutBatch
+
+MODES = [
+    {"teacher_mode": "current"},
+    {"teacher_mode": "ema", "ema_decay": 0.5},
+    {"teacher_mode": "current", "lora": True, "lora_rank": 4},
+    {"teacher_mode": "fixed", "lora": True, "lora_rank": 4},
+    {"teacher_mode": "ema", "ema_decay": 0.5, "lora": True, "lora_rank": 4},
+]
+
+
+def _trainer(tmp_path, data=None, **overrides) -> OPSDTrainer:
+    config = small_config(tmp_path, **overrides)
+    model, tokenizer = small_model()
+    return OPSDTrainer(model, tokenizer, data or problems(), config)
+
+
+def _fixed_batch_loss(trainer: OPSDTrainer, batch: RolloutBatch) -> float:
+    with torch.no_grad():
+        loss, _ = trainer.objective(batch, torch.tensor(float(batch.num_tokens)))
+    return loss.item()
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared", "plain"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))
+def test_loss_on_a_fixed_batch_goes_down(tmp_path, mode, shared_prefix) -> None:
+    lr = 3e-2 if mode.get("lora") else 1e-2
+    trainer = _trainer(tmp_path, problems(2), max_steps=5, learning_rate=lr,
+                       shared_prefix=shared_prefix, **mode)
+    torch.manual_seed(123)
+    batch = trainer._rollouts(trainer.train_problems)
+    before = _fixed_batch_loss(trainer, batch)
+    history = trainer.train()
+    after = _fixed_batch_loss(trainer, batch)
+    assert len(history) == 5 and all(h["loss"] >= 0 for h in history)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_sft_loss_goes_down_and_trains_on_teacher_prompts_when_asked(tmp_path) -> None:
+    trainer = _trainer(tmp_path, problems(2), method="sft", max_steps=5,
+                       sft_teacher_prompts=True)
+    batch = trainer._rollouts(trainer.train_problems)
+    assert len(batch.responses) == 4  # each target under both prompts
+    assert [p.student for p in batch.problems[2:]] == [p.teacher for p in batch.problems[:2]]
+    history = trainer.train()
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+
+
+def test_metrics_checkpoints_and_final_model_are_written(tmp_path) -> None:
+    trainer = _trainer(tmp_path, max_steps=2, save_steps=1, eval_data=None)
+    trainer.eval_problems = trainer.train_problems[:3]
+    history = trainer.train()
+    out = tmp_path / "run"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 2]  # two steps, then the final evaluation
+    expected = {"loss", "divergence", "student_entropy", "teacher_entropy", "response_length",
+                "accuracy", "tokens_per_s", "peak_memory_mib", "learning_rate", "grad_norm"}
+    assert expected <= set(lines[0]) and "eval_accuracy" in lines[2]
+    assert lines[0]["loss"] == pytest.approx(history[0]["loss"])
+    assert 1 <= lines[0]["response_length"] <= 24
+    for name in ("checkpoint-1", "checkpoint-2", "final"):
+        assert (out / name / "config.json").exists(), name
+    assert (out / "final" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("mode", [{"teacher_mode": "current"},
+                                  {"teacher_mode": "ema", "lora": True, "lora_rank": 4}],
+                         ids=["full-current", "lora-ema"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, mode) -> None:
+    steps = dict(max_steps=4, save_steps=2, **mode)
+    full = _trainer(tmp_path / "a", **steps).train()
+    first = _trainer(tmp_path / "b", **{**steps, "max_steps": 2}).train()
+    resumed_trainer = _trainer(tmp_path / "b", **{**steps, "resume": True})
+    resumed = resumed_trainer.train()
+    assert resumed_trainer.step == 4 and len(resumed) == 2
+    assert [h["loss"] for h in first] == [h["loss"] for h in full[:2]]
+    # Same rollouts (RNG from (seed, step)), same weights, optimizer, scheduler and EMA.
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in full[2:]],
+                                                         rel=1e-6, abs=1e-9)
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_gradient_accumulation_uses_one_global_token_count(tmp_path) -> None:
+    """Two micro-batches of 1 problem give the gradient of one batch of 2 problems."""
+    data = problems(2)
+    grads = []
+    for accumulation, per_step in ((1, 2), (2, 1)):
+        trainer = _trainer(tmp_path / str(accumulation), data, problems_per_step=per_step,
+                           gradient_accumulation_steps=accumulation, max_grad_norm=None)
+        trainer.engine = _FixedEngine()
+        step_problems = trainer._problems_for(0, 0)
+        if accumulation == 2:
+            step_problems += trainer._problems_for(0, 1)
+        trainer.optimizer.step = lambda: None  # keep the gradients to compare
+        trainer.optimizer.zero_grad = lambda set_to_none=True: None
+        trainer.train_step()
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        assert sorted(p.student for p in step_problems) == sorted(
+            p.student for p in trainer.train_problems)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _FixedEngine:
+    """A rollout engine that answers every prompt with the same few tokens."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, prompts, params: SamplingParams) -> list[list[int]]:
+        self.calls += 1
+        return [[5 + (len(p) + k) % 7, 6, 7][: 1 + k % 3] for p in prompts
+                for k in range(params.num_samples)]
+
+
+def test_a_custom_rollout_engine_is_used(tmp_path) -> None:
+    engine = _FixedEngine()
+    config = small_config(tmp_path, max_steps=1)
+    model, tokenizer = small_model()
+    trainer = OPSDTrainer(model, tokenizer, problems(), config, rollout_engine=engine)
+    history = trainer.train()
+    assert engine.calls == 1
+    assert history[0]["response_length"] == pytest.approx(2.0)  # lengths 1, 2, 3
+
+
+def test_hf_engine_samples_num_samples_responses_ending_at_eos(tmp_path) -> None:
+    trainer = _trainer(tmp_path)
+    prompts = [p.student for p in trainer.train_problems[:3]]
+    responses = trainer.engine.generate(prompts, SamplingParams(num_samples=4,
+                                                                max_new_tokens=8))
+    eos = trainer.tokenizer.eos_token_id
+    assert len(responses) == 12
+    for r in responses:
+        assert 1 <= len(r) <= 8 and (eos not in r or r.index(eos) == len(r) - 1)
+    greedy = trainer.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))
+    assert greedy == trainer.engine.generate(prompts, SamplingParams(temperature=0.0,
+                                                                     max_new_tokens=8))
+
+
+def test_evaluate_reports_accuracy_of_greedy_answers(tmp_path) -> None:
+    trainer = _trainer(tmp_path)
+    tokenizer, chosen = trainer.tokenizer, trainer.train_problems[:4]
+    answers = {tuple(p.student): p.answer for p in chosen}
+
+    class Answers:  # right on every problem but the first
+        def generate(self, prompts, params):
+            texts = [f"so \\boxed{{{'x' if i == 0 else answers[tuple(p)]}}}"
+                     for i, p in enumerate(prompts)]
+            return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    trainer.engine = Answers()
+    result = trainer.evaluate(chosen)
+    assert result["eval_accuracy"] == pytest.approx(0.75) and result["eval_problems"] == 4
+
+
+# --- failing early -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question": "1+1?", "solution": "2"}], "no column 'problem'"),
+    ([{"problem": "1+1?", "solution": "  "}, {"problem": "", "solution": "x"}],
+     "2 row(s) have an empty"),
+    ([{"problem": "x" * 400, "solution": "y"}], "every problem is longer than max_prompt"),
+])
+def test_bad_data_fails_before_training(tmp_path, rows, message) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _trainer(tmp_path, rows)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_prompt_length": 250, "max_new_tokens": 24}, "exceeds the model's max_position"),
+    ({"lora": True, "lora_target_modules": ["q_proj", "lm_head"]}, "'lm_head' cannot take"),
+])
+def test_configs_the_model_cannot_run_fail_before_training(tmp_path, overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, **overrides)
+
+
+def test_shared_prefix_on_an_unsupported_model_fails_before_training(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from opsd_kernels.trainer.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1,
+                                       n_head=2, n_positions=256))
+    config = small_config(tmp_path)
+    with pytest.raises(ValueError, match="shared_prefix: false"):
+        OPSDTrainer(model, tokenizer, problems(), config)
+    # without shared prefixes the plain path trains it
+    plain = OPSDTrainer(model, tokenizer, problems(), config.replace(shared_prefix=False,
+                                                                      max_steps=1))
+    assert plain.train()[0]["loss"] >= 0
+
+
+def test_overlong_problems_are_counted_and_reported(tmp_path, capsys) -> None:
+    rows = problems(3) + [{"problem": "p" * 170, "solution": "s", "answer": "1"}]
+    trainer = _trainer(tmp_path, rows, max_prompt_length=60)
+    report = capsys.readouterr().out
+    assert "4 problems: 3 kept" in report and "1 skipped" in report
+    assert "3 with the reference solution truncated" in report
+    assert all(len(p.teacher) <= 60 for p in trainer.train_problems)
+
+
+def test_config_round_trip_through_yaml(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: tiny\nlearning_rate: 1e-5\nlora: true\nteacher_mode: fixed\n"
+                    "lora_target_modules: [q_proj, v_proj]\nclip: null\n")
+    config = OPSDConfig.from_yaml(path, {"max_steps": 7})
+    assert (config.learning_rate, config.max_steps, config.lora_target_modules) == (
+        1e-5, 7, ["q_proj", "v_proj"])
