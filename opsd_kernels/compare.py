@@ -1,4 +1,4 @@
-"""`opsd demo`: this library's fused loss beside the naive form, on the current device.
+"""`opsd bench`: this library's fused loss beside the naive form, on the current device.
 
 Both compute the same loss and gradients on the same random inputs; the table shows how close
 the values are, and the time and incremental peak memory of one forward + backward each.
@@ -81,7 +81,8 @@ def _compare(name: str, options: dict, h_s, w, h_t, labels, repeats: int) -> Row
     )
 
 
-def run_demo(n: int | None = None, hidden: int | None = None, vocab: int | None = None) -> None:
+def run_comparison(n: int | None = None, hidden: int | None = None,
+                   vocab: int | None = None) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -97,7 +98,7 @@ def run_demo(n: int | None = None, hidden: int | None = None, vocab: int | None 
     labels[: n // 8] = -100  # prompt tokens carry no loss
 
     where = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"opsd demo on {where}: N={n} tokens, H={hidden}, V={vocab}, {dtype}, shared frozen "
+    print(f"opsd bench on {where}: N={n} tokens, H={hidden}, V={vocab}, {dtype}, shared frozen "
           "lm_head; naive = full [N, V] logits + the PyTorch reference (TRL's formulas)")
     header = f"{'loss':<32}{'value':>10}{'|diff|':>10}{'grad err':>10}{'time x':>9}{'mem x':>8}"
     print(header)

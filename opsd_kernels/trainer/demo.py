@@ -1,0 +1,78 @@
+"""`opsd demo`: on-policy self-distillation end to end on the embedded default, no downloads.
+
+A small Qwen3-shaped model (random init, character tokenizer) learns two-digit addition: a
+short supervised warm-up on step-by-step solutions (also under the teacher prompt, so the
+small model learns to read a reference in its context, which a pretrained LLM already can),
+then OPSD: the student samples its own answers and is pulled, token by token, towards itself
+given the reference solution. Held-out accuracy (greedy) is printed before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from opsd_kernels.trainer.config import OPSDConfig
+
+# Sized for ~2-3 minutes on 2 CPU cores; the CLI's --key value overrides any of them.
+DEMO_DEFAULTS = {
+    "model": "tiny", "output_dir": "runs/demo", "max_prompt_length": 128,
+    "max_new_tokens": 40, "problems_per_step": 16, "seed": 0, "resume": False,
+    # The reference wording, shortened: the small model reads every token on two CPU cores.
+    "student_template": "Problem: {problem}\nAnswer: ",
+    "teacher_template": "Problem: {problem}\nReference solution: {solution}\n"
+                        "Solve it in your own way.\nAnswer: ",
+    "loss_temperature": 1.0, "divergence": "jsd", "beta": 0.5, "shared_prefix": True,
+    "teacher_mode": "current", "num_rollouts": 4, "rollout_temperature": 1.0,
+}
+WARMUP = {"method": "sft", "max_steps": 200, "learning_rate": 3e-3, "lr_scheduler": "cosine",
+          "warmup_steps": 20, "sft_teacher_prompts": True}
+DISTILL = {"method": "opsd", "max_steps": 40, "learning_rate": 5e-4, "problems_per_step": 8}
+TRAIN_PROBLEMS, EVAL_PROBLEMS = 4000, 200
+
+
+def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, float]:
+    from opsd_kernels.trainer.models import load_model_and_tokenizer
+    from opsd_kernels.trainer.tiny import arithmetic_problems
+    from opsd_kernels.trainer.trainer import OPSDTrainer
+
+    base = {**DEMO_DEFAULTS, "device": device, **(overrides or {})}
+    out = Path(base["output_dir"])
+    train = arithmetic_problems(TRAIN_PROBLEMS, seed=base["seed"])
+    seen = {row["problem"] for row in train}
+    held_out = [r for r in arithmetic_problems(2 * EVAL_PROBLEMS, seed=base["seed"] + 1)
+                if r["problem"] not in seen][:EVAL_PROBLEMS]
+
+    warm = OPSDConfig.from_dict({**base, **WARMUP, **(overrides or {}),
+                                 "output_dir": str(out / "warmup")})
+    model, tokenizer = load_model_and_tokenizer(warm)
+    started = time.perf_counter()
+    print(f"opsd demo: tiny Qwen3 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, {len(tokenizer)}-token character vocabulary) on {warm.device}; "
+          f"{len(train)} train / {len(held_out)} held-out addition problems")
+    warmup = OPSDTrainer(model, tokenizer, train, warm)
+    evaluation, _ = warmup.encode(held_out)
+    print(f"[1/2] supervised warm-up: {warm.max_steps} steps")
+    warmup.train()
+    before = warmup.evaluate(evaluation)
+    teacher = warmup.evaluate(evaluation, prompt="teacher")
+    print(f"      held-out accuracy {before['eval_accuracy']:.1%} (student prompt), "
+          f"{teacher['eval_accuracy']:.1%} (teacher prompt, reference solution in context)")
+
+    distill = OPSDConfig.from_dict({**base, **DISTILL, **(overrides or {}),
+                                    "output_dir": str(out / "opsd")})
+    print(f"[2/2] OPSD: {distill.max_steps} steps, {distill.num_rollouts} rollouts per "
+          f"problem, {distill.divergence} (beta {distill.beta}), teacher "
+          f"{distill.teacher_mode!r}, shared prefixes {'on' if distill.shared_prefix else 'off'}")
+    trainer = OPSDTrainer(warmup.model, tokenizer, train, distill)
+    history = trainer.train()
+    after = trainer.evaluate(evaluation)
+    elapsed = time.perf_counter() - started
+    first, last = history[0], history[-1]
+    print(f"      divergence {first['divergence']:.4f} -> {last['divergence']:.4f}, rollout "
+          f"accuracy {first['accuracy']:.1%} -> {last['accuracy']:.1%}")
+    print(f"held-out accuracy: before OPSD {before['eval_accuracy']:.1%}, after "
+          f"{after['eval_accuracy']:.1%} ({len(held_out)} problems, greedy); {elapsed:.0f} s")
+    print(f"metrics: {trainer.metrics.path}; model: {out / 'opsd' / 'final'}")
+    return {"before": before["eval_accuracy"], "after": after["eval_accuracy"],
+            "teacher": teacher["eval_accuracy"], "seconds": elapsed}
