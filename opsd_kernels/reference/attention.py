@@ -30,13 +30,17 @@ group's row count on the host (a device sync) to shape the matmuls. The masked f
 sync-free: lengths and group ids stay tensors and only enter masks and index ops; it serves any
 device.
 
-The fused form is CPU only, where reading group ids and lengths on the host costs no sync. It
-stacks the rows of each group along the query axis (Hydragen) against one copy of the group's
-prefix cut to its real length, so there is no mask, no prefix copy and no padded prefix key,
-and the kernel itself sums dK_P / dV_P over the group's rows (deterministic). The suffix part is
-one causal call over all rows; a valid query never sees a padded suffix key. Padded queries are
-zeroed after the merge and enter the backward with dO = 0 and lse = +inf (p = 0), so they give
-no gradient anywhere.
+The fused form is CPU only, where reading group ids and lengths on the host costs no sync. Per
+group, its rows attend to one copy of the group's prefix cut to its real length and seen once
+per row through a stride-0 expand (no copy, no mask, no padded prefix key; the kernel reads it
+from cache for every row, as Hydragen's stacked queries would). The suffix part is one causal
+call over all rows; a valid query never sees a padded suffix key. The merge writes the
+contiguous output in one pass per part, with weights that are 0 on padded queries (their part
+outputs are finite for finite inputs). The backward gets dK_P / dV_P per row and sums them over
+the group's rows in row order (deterministic); padded queries enter it with dO = 0 and
+lse = +inf (p = 0), so they give no gradient anywhere. Few passes over the activations matter
+on a CPU shared with other jobs: each one is a parallel region, and every region waits for a
+descheduled thread.
 """
 
 from __future__ import annotations
@@ -296,19 +300,13 @@ def _group_rows(group_index: Tensor, prefix_lengths: Tensor
     return out
 
 
-def _stack(x: Tensor, rows: slice | Tensor) -> Tensor:
-    """Rows of one group, [n, H, R, ...] -> [1, H, n R, ...] (row-major along the query axis)."""
-    x = x[rows]
-    return x.transpose(0, 1).reshape(1, x.shape[1], -1, *x.shape[3:])
-
-
-def _unstack(x: Tensor, n: int) -> Tensor:
-    """The inverse of `_stack`: [1, H, n R, ...] -> [n, H, R, ...] (a view)."""
-    return x[0].unflatten(1, (n, -1)).transpose(0, 1)
-
-
 def _count(rows: slice | Tensor) -> int:
     return rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
+
+
+def _prefix_rows(x: Tensor, g: int, length: int, n: int) -> Tensor:
+    """Group g's prefix K or V cut to its real length, seen (not copied) by each of n rows."""
+    return x[g:g + 1, :, :length].expand(n, -1, -1, -1)
 
 
 def fused_prefix_attention(
@@ -327,19 +325,24 @@ def fused_prefix_attention(
     if b == 0:
         return query.new_zeros(query.shape), query.new_zeros((0, hq, r), dtype=acc)
     q, k, v, pk, pv = (x.to(acc) for x in (query, key, value, prefix_key, prefix_value))
-    out, lse_s = _flash(q, k, v, 0.0, True, scale=scale)
-    o_p, lse_p = torch.empty_like(out), torch.empty_like(lse_s)
-    for g, plen, rows in _group_rows(group_index, prefix_lengths):
-        o, lse = _flash(_stack(q, rows), pk[g:g + 1, :, :plen], pv[g:g + 1, :, :plen], 0.0,
-                        False, scale=scale)
-        n = _count(rows)
-        o_p[rows], lse_p[rows] = _unstack(o, n), _unstack(lse[..., None], n)[..., 0]
-    lse = torch.logaddexp(lse_p, lse_s)
-    out.mul_((lse_s - lse).exp_()[..., None])
-    out.add_(o_p.mul_((lse_p - lse).exp_()[..., None]))
+    o_s, lse_s = _flash(q, k, v, 0.0, True, scale=scale)
     valid = (torch.arange(r, device=query.device) < suffix_lengths[:, None])[:, None, :]
-    out = torch.where(valid[..., None], out, 0.0).to(query.dtype)
-    return out, torch.where(valid, lse, 0.0)
+    out = torch.empty(query.shape, dtype=acc, device=query.device)
+    lse = torch.empty((b, hq, r), dtype=acc, device=query.device)
+    for g, length, rows in _group_rows(group_index, prefix_lengths):
+        n = _count(rows)
+        o_p, lse_p = _flash(q[rows], _prefix_rows(pk, g, length, n),
+                            _prefix_rows(pv, g, length, n), 0.0, False, scale=scale)
+        ok, lse_rows = valid[rows], lse_s[rows]
+        merged = torch.logaddexp(lse_p, lse_rows)
+        w_p = torch.where(ok, (lse_p - merged).exp(), 0.0)[..., None]
+        w_s = torch.where(ok, (lse_rows - merged).exp(), 0.0)[..., None]
+        if isinstance(rows, slice):  # written in place: no gather, no scatter
+            torch.mul(o_s[rows], w_s, out=out[rows]).addcmul_(o_p, w_p)
+        else:
+            out[rows] = torch.addcmul(o_s[rows] * w_s, o_p, w_p)
+        lse[rows] = torch.where(ok, merged, 0.0)
+    return out.to(query.dtype), lse
 
 
 def fused_prefix_attention_backward(
@@ -350,8 +353,8 @@ def fused_prefix_attention_backward(
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of `fused_prefix_attention`, as
     `prefix_attention_backward` defines them: each part's fused backward with the merged out and
     lse (p_ij = exp(s_ij - lse_i), Delta_i = dO_i . O_i over both parts). dq sums the parts in
-    the math dtype; dK_P / dV_P are summed over a group's rows inside its one call. Gradients
-    contiguous in the input dtype; prefix ones None unless prefix_grad."""
+    the math dtype; dK_P / dV_P sum a group's rows in row order. Gradients contiguous in the
+    input dtype; prefix ones None unless prefix_grad."""
     b, _, r, _ = query.shape
     acc = _math_dtype(query.dtype)
     dpk = dpv = None
@@ -369,15 +372,19 @@ def fused_prefix_attention_backward(
         # Padded queries: lse = +inf gives p = exp(s - lse) = 0. Their stored lse 0 would let
         # exp overflow, and inf * (dO . V - Delta) = inf * 0 is NaN.
         lse = torch.where(valid, lse.to(acc), float("inf"))
-        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, True, scale=scale)
-        for g, plen, rows in _group_rows(group_index, prefix_lengths):
-            dq_g, dpk_g, dpv_g = _flash_backward(
-                _stack(do, rows), _stack(q, rows), pk[g:g + 1, :, :plen],
-                pv[g:g + 1, :, :plen], _stack(o, rows), _stack(lse[..., None], rows)[..., 0],
-                0.0, False, scale=scale)
-            dq[rows] += _unstack(dq_g, _count(rows))
+        dq_s, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, True, scale=scale)
+        dq = torch.empty(query.shape, dtype=acc, device=query.device)
+        for g, length, rows in _group_rows(group_index, prefix_lengths):
+            n = _count(rows)
+            dq_p, dpk_rows, dpv_rows = _flash_backward(
+                do[rows], q[rows], _prefix_rows(pk, g, length, n), _prefix_rows(pv, g, length, n),
+                o[rows], lse[rows], 0.0, False, scale=scale)
+            if isinstance(rows, slice):
+                torch.add(dq_s[rows], dq_p, out=dq[rows])
+            else:
+                dq[rows] = dq_s[rows] + dq_p
             if prefix_grad:
-                dpk[g, :, :plen], dpv[g, :, :plen] = dpk_g[0], dpv_g[0]
+                dpk[g, :, :length], dpv[g, :, :length] = dpk_rows.sum(0), dpv_rows.sum(0)
         dq, dk, dv = (x.to(query.dtype).contiguous() for x in (dq, dk, dv))
     if dpk is not None:
         dpk, dpv = dpk.to(query.dtype), dpv.to(query.dtype)
