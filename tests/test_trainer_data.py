@@ -53,6 +53,17 @@ def test_bad_configs_name_the_field(values, message) -> None:
         OPSDConfig.from_dict(values)
 
 
+@pytest.mark.parametrize("name", ["low_memory_single_gpu.yaml", "sft_baseline.yaml"])
+def test_shipped_configs_are_valid(name) -> None:
+    from pathlib import Path
+
+    import opsd_kernels.trainer
+
+    path = Path(opsd_kernels.trainer.__file__).parent / "configs" / name
+    config = OPSDConfig.from_yaml(path, {"max_steps": 3})
+    assert config.max_steps == 3 and config.train_data == "data/train.jsonl"
+
+
 def test_yaml_must_be_a_mapping(tmp_path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text("- a\n- b\n")

@@ -29,7 +29,7 @@ TEACHER_TEMPLATE = (
 
 @dataclass
 class OPSDConfig:
-    """One training run. Fields are grouped as in the YAML files of `examples/`."""
+    """One training run. Fields are grouped as in `opsd_kernels/trainer/configs/*.yaml`."""
 
     # model and tokenizer
     model: str = "tiny"  # a local Hugging Face model directory, or "tiny" (embedded, random)

@@ -32,6 +32,7 @@ TRAIN_PROBLEMS, EVAL_PROBLEMS = 4000, 200
 
 
 def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, float]:
+    """Warm-up, then OPSD; returns held-out accuracy before / after (and the teacher's)."""
     from opsd_kernels.trainer.models import load_model_and_tokenizer
     from opsd_kernels.trainer.tiny import arithmetic_problems
     from opsd_kernels.trainer.trainer import OPSDTrainer
@@ -40,7 +41,7 @@ def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, f
     out = Path(base["output_dir"])
     train = arithmetic_problems(TRAIN_PROBLEMS, seed=base["seed"])
     seen = {row["problem"] for row in train}
-    held_out = [r for r in arithmetic_problems(2 * EVAL_PROBLEMS, seed=base["seed"] + 1)
+    held_out = [r for r in arithmetic_problems(4 * EVAL_PROBLEMS, seed=base["seed"] + 1)
                 if r["problem"] not in seen][:EVAL_PROBLEMS]
 
     warm = OPSDConfig.from_dict({**base, **WARMUP, **(overrides or {}),

@@ -60,6 +60,10 @@ class OPSDTrainer:
         self.eval_problems = None if eval_dataset is None else self.encode(eval_dataset)[0]
         check_model(model, config)
         self.accelerator = Accelerator(cpu=config.device == "cpu")
+        if config.teacher_mode == "ema" and self.accelerator.distributed_type == "FSDP":
+            raise ValueError("config.teacher_mode: 'ema' swaps whole parameters in for the "
+                             "teacher, which FSDP's shards do not allow; use 'fixed' (LoRA) "
+                             "or 'current' under FSDP")
         self.is_main = self.accelerator.is_main_process
         self._print(f"train data: {report}")
         model = prepare_model(model, config)
