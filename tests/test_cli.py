@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from trainer_fixtures import TEMPLATES
 
 from opsd_kernels.cli import main
 from opsd_kernels.trainer.tiny import arithmetic_problems
-from trainer_fixtures import TEMPLATES
 
 
 def _files(tmp_path) -> tuple[str, str]:
