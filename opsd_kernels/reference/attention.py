@@ -37,8 +37,8 @@ from cache for every row, as Hydragen's stacked queries would). The suffix part 
 call over all rows; a valid query never sees a padded suffix key. The merge writes the
 contiguous output in one pass per part, with weights that are 0 on padded queries (their part
 outputs are finite for finite inputs). The backward gets dK_P / dV_P per row and sums them over
-the group's rows in row order (deterministic); padded queries enter it with dO = 0 and
-lse = +inf (p = 0), so they give no gradient anywhere. Few passes over the activations matter
+the group's rows in row order (deterministic); padded queries enter it with lse = +inf
+(p = 0), so they give no gradient anywhere. Few passes over the activations matter
 on a CPU shared with other jobs: each one is a parallel region, and every region waits for a
 descheduled thread.
 """
@@ -357,21 +357,22 @@ def fused_prefix_attention_backward(
     input dtype; prefix ones None unless prefix_grad."""
     b, _, r, _ = query.shape
     acc = _math_dtype(query.dtype)
-    dpk = dpv = None
-    if prefix_grad:
-        dpk = torch.zeros(prefix_key.shape, dtype=acc, device=query.device)
-        dpv = torch.zeros(prefix_value.shape, dtype=acc, device=query.device)
+    # Every slot is written below: a group's summed rows, zeros past its length and for
+    # groups without rows (no fill of the whole buffer first).
+    dpk = torch.empty(prefix_key.shape, dtype=acc, device=query.device) if prefix_grad else None
+    dpv = torch.empty(prefix_value.shape, dtype=acc, device=query.device) if prefix_grad else None
+    seen: set[int] = set()
     if b == 0:
         dq, dk, dv = query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(
             value.shape)
     else:
         q, k, v, pk, pv = (x.to(acc) for x in (query, key, value, prefix_key, prefix_value))
         valid = (torch.arange(r, device=query.device) < suffix_lengths[:, None])[:, None, :]
-        do = torch.where(valid[..., None], grad_out.to(acc), 0.0)
-        o = out.to(acc)
-        # Padded queries: lse = +inf gives p = exp(s - lse) = 0. Their stored lse 0 would let
-        # exp overflow, and inf * (dO . V - Delta) = inf * 0 is NaN.
+        # Padded queries: lse = +inf gives p = exp(s - lse) = 0 (their stored lse 0 could let
+        # exp overflow, and inf * 0 is NaN). With p = 0 and O = 0 (so Delta = 0) their dO
+        # enters only products with zeros: it needs no masking.
         lse = torch.where(valid, lse.to(acc), float("inf"))
+        do, o = grad_out.to(acc), out.to(acc)
         dq_s, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, True, scale=scale)
         dq = torch.empty(query.shape, dtype=acc, device=query.device)
         for g, length, rows in _group_rows(group_index, prefix_lengths):
@@ -384,8 +385,14 @@ def fused_prefix_attention_backward(
             else:
                 dq[rows] = dq_s[rows] + dq_p
             if prefix_grad:
-                dpk[g, :, :length], dpv[g, :, :length] = dpk_rows.sum(0), dpv_rows.sum(0)
+                torch.sum(dpk_rows, 0, out=dpk[g, :, :length])
+                torch.sum(dpv_rows, 0, out=dpv[g, :, :length])
+                dpk[g, :, length:], dpv[g, :, length:] = 0.0, 0.0
+                seen.add(g)
         dq, dk, dv = (x.to(query.dtype).contiguous() for x in (dq, dk, dv))
+    if prefix_grad:
+        for g in set(range(prefix_key.shape[0])) - seen:
+            dpk[g], dpv[g] = 0.0, 0.0
     if dpk is not None:
         dpk, dpv = dpk.to(query.dtype), dpv.to(query.dtype)
     return dq, dk, dv, dpk, dpv
