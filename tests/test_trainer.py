@@ -223,3 +223,18 @@ def test_config_round_trip_through_yaml(tmp_path) -> None:
     config = OPSDConfig.from_yaml(path, {"max_steps": 7})
     assert (config.learning_rate, config.max_steps, config.lora_target_modules) == (
         1e-5, 7, ["q_proj", "v_proj"])
+
+
+def test_tensorboard_is_written_or_its_absence_explained(tmp_path) -> None:
+    from opsd_kernels.trainer.metrics import MetricsLogger
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs the tensorboard package"):
+            MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+        return
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    logger.log(1, {"loss": 0.5})
+    logger.close()
+    assert any((tmp_path / "tensorboard").iterdir())

@@ -94,6 +94,8 @@ class OPSDTrainer:
     # --- data ----------------------------------------------------------------------------
 
     def encode(self, dataset: Dataset) -> tuple[list[EncodedProblem], Any]:
+        """Problems of ``dataset`` as prompt ids under this trainer's config, and a report of
+        what was truncated or skipped."""
         c = self.config
         problems = dataset if _is_problems(dataset) else load_problems(
             dataset, problem_column=c.problem_column, solution_column=c.solution_column,
