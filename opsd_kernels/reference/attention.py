@@ -12,7 +12,8 @@ log-sum-exp 0, no gradient anywhere.
   per row, one mask, one softmax. `upcast=False` is plain PyTorch in the input dtype (Hugging
   Face's eager recipe), the baseline of the flash-attention accuracy rule.
 - `prefix_attention_parts`: the two-part form, attention over each part merged by log-sum-exp.
-  Differentiable by autograd; this is what the "torch" backend runs forward.
+  Masked, in chunks of rows; differentiable by autograd. What the "torch" backend runs forward
+  off CPU.
 - `prefix_attention_backward`: its analytic backward (flash-attention formulas, merged lse).
 - `fused_prefix_attention` / `fused_prefix_attention_backward`: the same two-part form on
   torch's fused CPU attention kernels (flash-attention style tiles, fp32 statistics; forward
@@ -21,7 +22,7 @@ log-sum-exp 0, no gradient anywhere.
 - `sdpa_prefix_attention`: the plain approach the op replaces (prefix K/V repeated per row,
   torch SDPA over the concatenation with a mask): the benchmark baseline.
 
-The two-part form and its backward run over chunks of rows sized from a workspace budget
+The masked two-part form and its backward run over chunks of rows sized from a workspace budget
 (`WORKSPACE_BYTES`, as the loss's chunked driver does), so their peak is bounded by the budget,
 not by the batch. Each chunk gathers the prefix K/V of its own rows only; a row's prefix copy
 (Hkv P D) is small next to its scores (Hq R P), which any PyTorch form materialises. Stacking
@@ -37,8 +38,8 @@ from cache for every row, as Hydragen's stacked queries would). The suffix part 
 call over all rows; a valid query never sees a padded suffix key. The merge writes the
 contiguous output in one pass per part, with weights that are 0 on padded queries (their part
 outputs are finite for finite inputs). The backward gets dK_P / dV_P per row and sums them over
-the group's rows in row order (deterministic); padded queries enter it with lse = +inf
-(p = 0), so they give no gradient anywhere. Few passes over the activations matter
+the group's rows (a fixed-order reduction: deterministic); padded queries enter it with
+lse = +inf (p = 0), so they give no gradient anywhere. Few passes over the activations matter
 on a CPU shared with other jobs: each one is a parallel region, and every region waits for a
 descheduled thread.
 """
@@ -353,7 +354,7 @@ def fused_prefix_attention_backward(
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of `fused_prefix_attention`, as
     `prefix_attention_backward` defines them: each part's fused backward with the merged out and
     lse (p_ij = exp(s_ij - lse_i), Delta_i = dO_i . O_i over both parts). dq sums the parts in
-    the math dtype; dK_P / dV_P sum a group's rows in row order. Gradients contiguous in the
+    the math dtype; dK_P / dV_P sum a group's rows. Gradients contiguous in the
     input dtype; prefix ones None unless prefix_grad."""
     b, _, r, _ = query.shape
     acc = _math_dtype(query.dtype)
