@@ -331,6 +331,22 @@ def test_padding_is_exactly_zero(seed: int, backend: str, garbage: float) -> Non
         assert torch.equal(g_got, g_want), f"grad of {name}"
 
 
+@pytest.mark.parametrize("form", ["torch-fused", "torch-masked"]
+                         + (["triton"] if HAS_TRITON else []))
+def test_nonfinite_grad_on_padded_queries_is_ignored(monkeypatch, seed: int, form: str) -> None:
+    """The upstream gradient of padded queries (NaN here) reaches no gradient."""
+    if form == "torch-masked":
+        monkeypatch.setattr(attention_module, "_fused", lambda device: False)
+    inp = make_inputs(seed, CASES["gqa_ragged"])
+    backend = form.split("-")[0]
+    _, want = ours(inp, backend)
+    for i, n in enumerate(inp.case.suffix_lengths):
+        inp.grad_out[i, :, n:] = math.nan
+    _, got = ours(inp, backend)
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert torch.equal(a, b), f"grad of {name}"
+
+
 @requires_triton
 def test_triton_writes_every_output_element(seed: int) -> None:
     """The launchers are handed NaN-poisoned outputs: every element must be written."""

@@ -39,9 +39,9 @@ call over all rows; a valid query never sees a padded suffix key. The merge writ
 contiguous output in one pass per part, with weights that are 0 on padded queries (their part
 outputs are finite for finite inputs). The backward gets dK_P / dV_P per row and sums them over
 the group's rows (a fixed-order reduction: deterministic); padded queries enter it with
-lse = +inf (p = 0), so they give no gradient anywhere. Few passes over the activations matter
-on a CPU shared with other jobs: each one is a parallel region, and every region waits for a
-descheduled thread.
+dO = 0 and lse = +inf (p = 0), so they give no gradient anywhere. Few passes over the
+activations matter on a CPU shared with other jobs: each one is a parallel region, and every
+region waits for a descheduled thread.
 """
 
 from __future__ import annotations
@@ -370,10 +370,10 @@ def fused_prefix_attention_backward(
         q, k, v, pk, pv = (x.to(acc) for x in (query, key, value, prefix_key, prefix_value))
         valid = (torch.arange(r, device=query.device) < suffix_lengths[:, None])[:, None, :]
         # Padded queries: lse = +inf gives p = exp(s - lse) = 0 (their stored lse 0 could let
-        # exp overflow, and inf * 0 is NaN). With p = 0 and O = 0 (so Delta = 0) their dO
-        # enters only products with zeros: it needs no masking.
+        # exp overflow, and inf * 0 is NaN). Their dO is zeroed too: it only meets zeros then,
+        # but a non-finite one would still turn them into NaN.
         lse = torch.where(valid, lse.to(acc), float("inf"))
-        do, o = grad_out.to(acc), out.to(acc)
+        do, o = torch.where(valid[..., None], grad_out.to(acc), 0.0), out.to(acc)
         dq_s, dk, dv = _flash_backward(do, q, k, v, o, lse, 0.0, True, scale=scale)
         dq = torch.empty(query.shape, dtype=acc, device=query.device)
         for g, length, rows in _group_rows(group_index, prefix_lengths):
