@@ -28,7 +28,7 @@ DEMO_DEFAULTS = {
 WARMUP = {"method": "sft", "max_steps": 200, "learning_rate": 3e-3, "lr_scheduler": "cosine",
           "warmup_steps": 20, "sft_teacher_prompts": True}
 DISTILL = {"method": "opsd", "max_steps": 40, "learning_rate": 5e-4, "problems_per_step": 8}
-TRAIN_PROBLEMS, EVAL_PROBLEMS = 4000, 200
+TRAIN_PROBLEMS, EVAL_PROBLEMS, SAMPLES = 4000, 200, 4
 
 
 def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, float]:
@@ -55,10 +55,10 @@ def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, f
     evaluation, _ = warmup.encode(held_out)
     print(f"[1/2] supervised warm-up: {warm.max_steps} steps")
     warmup.train()
-    before = warmup.evaluate(evaluation)
-    teacher = warmup.evaluate(evaluation, prompt="teacher")
-    print(f"      held-out accuracy {before['eval_accuracy']:.1%} (student prompt), "
-          f"{teacher['eval_accuracy']:.1%} (teacher prompt, reference solution in context)")
+    before, sampled_before = _accuracy(warmup, evaluation)
+    teacher = warmup.evaluate(evaluation, prompt="teacher")["eval_accuracy"]
+    print(f"      held-out accuracy {before:.1%} greedy, {sampled_before:.1%} sampled (student "
+          f"prompt); {teacher:.1%} greedy under the teacher prompt (solution in context)")
 
     distill = OPSDConfig.from_dict({**base, **DISTILL, **(overrides or {}),
                                     "output_dir": str(out / "opsd")})
@@ -67,13 +67,24 @@ def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, f
           f"{distill.teacher_mode!r}, shared prefixes {'on' if distill.shared_prefix else 'off'}")
     trainer = OPSDTrainer(warmup.model, tokenizer, train, distill)
     history = trainer.train()
-    after = trainer.evaluate(evaluation)
+    after, sampled_after = _accuracy(trainer, evaluation)
     elapsed = time.perf_counter() - started
     first, last = history[0], history[-1]
     print(f"      divergence {first['divergence']:.4f} -> {last['divergence']:.4f}, rollout "
           f"accuracy {first['accuracy']:.1%} -> {last['accuracy']:.1%}")
-    print(f"held-out accuracy: before OPSD {before['eval_accuracy']:.1%}, after "
-          f"{after['eval_accuracy']:.1%} ({len(held_out)} problems, greedy); {elapsed:.0f} s")
+    print(f"held-out accuracy ({len(held_out)} problems): greedy {before:.1%} before OPSD, "
+          f"{after:.1%} after; sampled (T = {distill.rollout_temperature}, "
+          f"{SAMPLES} per problem) {sampled_before:.1%} before, {sampled_after:.1%} after; "
+          f"{elapsed:.0f} s in all")
     print(f"metrics: {trainer.metrics.path}; model: {out / 'opsd' / 'final'}")
-    return {"before": before["eval_accuracy"], "after": after["eval_accuracy"],
-            "teacher": teacher["eval_accuracy"], "seconds": elapsed}
+    return {"before": before, "after": after, "sampled_before": sampled_before,
+            "sampled_after": sampled_after, "teacher": teacher, "seconds": elapsed}
+
+
+def _accuracy(trainer, problems) -> tuple[float, float]:
+    """Greedy accuracy, and the mean accuracy of `SAMPLES` samples at the rollout temperature
+    (the distribution OPSD trains on)."""
+    greedy = trainer.evaluate(problems)["eval_accuracy"]
+    sampled = trainer.evaluate(problems, num_samples=SAMPLES,
+                               temperature=trainer.config.rollout_temperature)["eval_accuracy"]
+    return greedy, sampled

@@ -234,25 +234,29 @@ class OPSDTrainer:
     # --- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, problems: list[EncodedProblem] | None = None,
-                 prompt: Literal["student", "teacher"] = "student") -> dict[str, float]:
-        """Greedy accuracy and response length on the eval problems (split across processes),
-        under the student prompt, or under the teacher's (what the teacher would answer)."""
+                 prompt: Literal["student", "teacher"] = "student", *, num_samples: int = 1,
+                 temperature: float = 0.0) -> dict[str, float]:
+        """Answer accuracy and response length on the eval problems (split across processes):
+        greedy by default, else the mean over ``num_samples`` samples at ``temperature``; under
+        the student prompt, or the teacher's (what the teacher would answer)."""
         problems = problems if problems is not None else self.eval_problems
         if not problems:
             raise ValueError("evaluate: no eval problems (pass eval_dataset)")
         acc = self.accelerator
         mine = problems[acc.process_index::acc.num_processes]
         c = self.config
-        params = SamplingParams(1, 0.0, 1.0, 0, c.eval_max_new_tokens or c.max_new_tokens)
+        params = SamplingParams(num_samples, temperature, c.rollout_top_p, c.rollout_top_k,
+                                c.eval_max_new_tokens or c.max_new_tokens)
         prompts = [p.student if prompt == "student" else p.teacher for p in mine]
         responses = self.engine.generate(prompts, params) if mine else []
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct = sum(is_correct(t, p.answer) for t, p in zip(texts, mine, strict=True))
-        counts = torch.tensor([float(correct), float(len(mine)),
+        answers = [p.answer for p in mine for _ in range(num_samples)]
+        correct = sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))
+        counts = torch.tensor([float(correct), float(len(texts)),
                                float(sum(len(r) for r in responses))], device=acc.device)
         correct, total, tokens = acc.reduce(counts, reduction="sum").tolist()
         return {"eval_accuracy": correct / total, "eval_response_length": tokens / total,
-                "eval_problems": int(total)}
+                "eval_problems": int(total) // num_samples}
 
     # --- saving --------------------------------------------------------------------------
 
