@@ -47,7 +47,6 @@ def _fused(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-
 def _forward(q, k, v_, pk, pv, gi, pl, sl, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         from opsd_kernels.ops.attention import shared_prefix_attention_fwd_triton_
