@@ -3,18 +3,24 @@
 A small Qwen3-shaped model (random init, character tokenizer) learns two-digit addition: a
 short supervised warm-up on step-by-step solutions (also under the teacher prompt, so the
 small model learns to read a reference in its context, which a pretrained LLM already can),
-then OPSD: the student samples its own answers and is pulled, token by token, towards itself
-given the reference solution. Held-out accuracy (greedy) is printed before and after.
+then OPSD with LoRA and the warmed-up model as the fixed teacher: the student samples its own
+answers and is pulled, token by token, towards the teacher's distribution given the reference
+solution. Held-out accuracy (greedy, and sampled at the rollout temperature) is printed before
+and after. On this toy task the warmed-up model already answers as well as its teacher, so the
+demo shows the machinery at work (divergence falling, accuracy kept), not a gain.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
+import torch
+
 from opsd_kernels.trainer.config import OPSDConfig
 
-# Sized for ~2-3 minutes on 2 CPU cores; the CLI's --key value overrides any of them.
+# Sized for about 3 minutes on 2 CPU cores; the CLI's --key value overrides any of them.
 DEMO_DEFAULTS = {
     "model": "tiny", "output_dir": "runs/demo", "max_prompt_length": 128,
     "max_new_tokens": 40, "problems_per_step": 16, "seed": 0, "resume": False,
@@ -23,11 +29,14 @@ DEMO_DEFAULTS = {
     "teacher_template": "Problem: {problem}\nReference solution: {solution}\n"
                         "Solve it in your own way.\nAnswer: ",
     "loss_temperature": 1.0, "divergence": "jsd", "beta": 0.5, "shared_prefix": True,
-    "teacher_mode": "current", "num_rollouts": 4, "rollout_temperature": 1.0,
+    "num_rollouts": 4, "rollout_temperature": 1.0,
 }
-WARMUP = {"method": "sft", "max_steps": 200, "learning_rate": 3e-3, "lr_scheduler": "cosine",
+WARMUP = {"method": "sft", "max_steps": 400, "learning_rate": 3e-3, "lr_scheduler": "cosine",
           "warmup_steps": 20, "sft_teacher_prompts": True}
-DISTILL = {"method": "opsd", "max_steps": 40, "learning_rate": 5e-4, "problems_per_step": 8}
+# The reference recipe: LoRA adapters on the warmed-up model, which stays the teacher (adapters
+# off), so the teacher cannot drift towards the student.
+DISTILL = {"method": "opsd", "max_steps": 40, "learning_rate": 1e-3, "problems_per_step": 8,
+           "lora": True, "lora_rank": 16, "lora_alpha": 32, "teacher_mode": "fixed"}
 TRAIN_PROBLEMS, EVAL_PROBLEMS, SAMPLES = 4000, 200, 4
 
 
@@ -38,6 +47,9 @@ def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, f
     from opsd_kernels.trainer.trainer import OPSDTrainer
 
     base = {**DEMO_DEFAULTS, "device": device, **(overrides or {})}
+    if base["device"] in ("auto", "cpu") and not torch.cuda.is_available() and (
+            "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(1)  # the model's ops are too small to share: threads only wait
     out = Path(base["output_dir"])
     train = arithmetic_problems(TRAIN_PROBLEMS, seed=base["seed"])
     seen = {row["problem"] for row in train}
