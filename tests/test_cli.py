@@ -63,7 +63,7 @@ def test_demo_runs_end_to_end_when_shortened(tmp_path, capsys, monkeypatch) -> N
     main(["demo", "--device", "cpu", "--output_dir", str(tmp_path / "demo"), "--max_steps", "2",
           "--max_new_tokens", "8", "--problems_per_step", "2", "--progress_bar", "false"])
     out = capsys.readouterr().out
-    assert "held-out accuracy: before OPSD" in out
+    assert "held-out accuracy (8 problems): greedy" in out and "before OPSD" in out
     assert (tmp_path / "demo" / "opsd" / "metrics.jsonl").exists()
 
 
