@@ -152,6 +152,26 @@ def test_hf_engine_samples_num_samples_responses_ending_at_eos(tmp_path) -> None
                                                                      max_new_tokens=8))
 
 
+def test_hf_engine_never_samples_the_pad_token(tmp_path) -> None:
+    trainer = _trainer(tmp_path)
+    pad = trainer.tokenizer.pad_token_id
+    lm = trainer.model
+    with torch.no_grad():  # make pad by far the likeliest token after every prompt
+        lm.get_output_embeddings().weight[pad] = 50 * lm.model.norm.weight
+    prompts = [p.student for p in trainer.train_problems[:4]]
+    torch.manual_seed(0)
+    for temperature in (0.0, 1.0):
+        responses = trainer.engine.generate(prompts, SamplingParams(
+            num_samples=2, temperature=temperature, max_new_tokens=6))
+        assert len(responses) == 8 and all(pad not in r for r in responses)
+    assert responses[0] != responses[1] or responses[2] != responses[3]  # sampled: they vary
+    engine = _FixedEngine()
+    engine.generate = lambda prompts, params: [[pad, 5]] * (len(prompts) * params.num_samples)
+    trainer.engine = engine
+    with pytest.raises(RuntimeError, match="starts with the pad token"):
+        trainer.train_step()
+
+
 def test_evaluate_reports_accuracy_of_greedy_answers(tmp_path) -> None:
     trainer = _trainer(tmp_path)
     tokenizer, chosen = trainer.tokenizer, trainer.train_problems[:4]

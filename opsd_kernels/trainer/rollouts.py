@@ -62,20 +62,27 @@ class HFGenerateEngine:
             ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt):] = 1
         sampling: dict[str, Any] = {"do_sample": False}
+        copies, samples = params.num_samples, 1  # greedy: one answer per prompt, repeated
+        if self.pad_token_id != self.eos_token_id:
+            # A sampled pad token is noise, and a response starting with one reads as left
+            # padding to the shared-prefix forward.
+            sampling["suppress_tokens"] = [self.pad_token_id]
         if params.temperature > 0:
-            sampling = {"do_sample": True, "temperature": params.temperature,
-                        "top_p": params.top_p, "top_k": params.top_k}  # 0 = off
+            copies, samples = 1, params.num_samples
+            sampling |= {"do_sample": True, "temperature": params.temperature,
+                         "top_p": params.top_p, "top_k": params.top_k}  # 0 = off
         was_training = self.model.training
         self.model.eval()
         try:
             generated = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=params.max_new_tokens, num_return_sequences=params.num_samples,
+                max_new_tokens=params.max_new_tokens, num_return_sequences=samples,
                 pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True,
                 **sampling)
         finally:
             self.model.train(was_training)
-        return [_until_eos(row, self.eos_token_id) for row in generated[:, width:].tolist()]
+        rows = [_until_eos(row, self.eos_token_id) for row in generated[:, width:].tolist()]
+        return [row for row in rows for _ in range(copies)]
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:

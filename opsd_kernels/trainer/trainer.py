@@ -133,6 +133,10 @@ class OPSDTrainer:
         if len(responses) != len(groups) or not all(responses):
             raise RuntimeError(f"rollout engine: expected {len(groups)} non-empty responses, "
                                f"got {len(responses)}")
+        if self.pad_token_id != self.tokenizer.eos_token_id and any(
+                r[0] == self.pad_token_id for r in responses):
+            raise RuntimeError(f"rollout engine: a response starts with the pad token "
+                               f"{self.pad_token_id}; suppress it when sampling")
         return RolloutBatch(problems, responses, groups)
 
     # --- training ------------------------------------------------------------------------
