@@ -113,12 +113,12 @@ def test_teacher_weights_are_restored_and_differ(tmp_path) -> None:
 
 
 def test_shared_head_is_used_when_the_teacher_shares_weights(tmp_path, monkeypatch) -> None:
-    import opsd_kernels.prefix as prefix
+    import opsd_kernels.trainer.objective as module
 
     _, _, _, objective, batch = _setup(tmp_path, teacher_mode="current")
     calls = []
-    real = prefix.extend_prefix
-    monkeypatch.setattr(prefix, "extend_prefix",
+    real = module.extend_prefix
+    monkeypatch.setattr(module, "extend_prefix",
                         lambda *a, **k: calls.append(k["detach_base"]) or real(*a, **k))
     objective(batch, torch.tensor(float(batch.num_tokens)))
     assert calls == [True, False]  # the teacher reads the head detached, the student doesn't

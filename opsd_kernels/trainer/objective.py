@@ -17,6 +17,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from opsd_kernels.losses import fused_linear_divergence
+from opsd_kernels.prefix import (
+    PrefixState,
+    extend_prefix,
+    prefix_forward,
+    shared_prefix_forward,
+)
 from opsd_kernels.trainer.config import OPSDConfig
 from opsd_kernels.trainer.prompts import EncodedProblem
 from opsd_kernels.trainer.teacher import Teacher
@@ -93,7 +99,7 @@ class DistillationObjective(nn.Module):
         steps = torch.arange(responses.shape[1], device=device)
         labels = responses.masked_fill(steps[None, :] >= lengths[:, None], IGNORE)
         students = [p.student for p in batch.problems]
-        rows = (responses, lengths, group_index)
+        rows = (batch, responses, lengths, group_index)
         if self.config.method == "sft":
             hidden = self._hidden(lm, students, *rows)
             loss = chunked_cross_entropy(hidden, weight, labels, num_items)
@@ -118,32 +124,31 @@ class DistillationObjective(nn.Module):
         }
 
     def _shared_head(self, lm: nn.Module, problems: list[EncodedProblem],
-                     device: torch.device):
-        """The student's pass over the prompts' common head (with grad), when the teacher may
-        read it: same weights, shared prefixes on, and every problem has a head."""
+                     device: torch.device) -> tuple[PrefixState, list[int]] | None:
+        """The student's pass over the prompts' common head (with grad) and the head lengths,
+        when the teacher may read it: same weights, shared prefixes on, every problem has a
+        head."""
         if not (self.config.shared_prefix and self.teacher.shares_weights):
             return None
         heads = [p.head_length for p in problems]
         if min(heads) == 0:
             return None
-        from opsd_kernels.prefix import prefix_forward
-
         ids, lengths = pad_rows([p.student[:h] for p, h in zip(problems, heads, strict=True)],
                                 self.pad_token_id, device)
-        return prefix_forward(lm, ids, lengths)
+        return prefix_forward(lm, ids, lengths), heads
 
-    def _hidden(self, lm: nn.Module, prompts: list[list[int]], responses: torch.Tensor,
-                lengths: torch.Tensor, group_index: torch.Tensor, head=None) -> torch.Tensor:
-        """[B, R, H] final hidden states predicting each response token, under ``prompts``."""
+    def _hidden(self, lm: nn.Module, prompts: list[list[int]], batch: RolloutBatch,
+                responses: torch.Tensor, lengths: torch.Tensor, group_index: torch.Tensor,
+                head: tuple[PrefixState, list[int]] | None = None) -> torch.Tensor:
+        """[B, R, H] final hidden states predicting each response token, under ``prompts``.
+        Token ids are read from ``batch`` (host lists), never back from the device."""
         device = responses.device
         if self.config.shared_prefix:
-            from opsd_kernels.prefix import extend_prefix, prefix_forward, shared_prefix_forward
-
             if head is not None:  # the teacher reads it detached; the student backpropagates
-                cut = head.lengths.tolist()
+                state, cut = head
                 tails, tail_lengths = pad_rows([p[h:] for p, h in zip(prompts, cut, strict=True)],
                                                self.pad_token_id, device)
-                state = extend_prefix(lm, head, tails, tail_lengths,
+                state = extend_prefix(lm, state, tails, tail_lengths,
                                       detach_base=not torch.is_grad_enabled())
             else:
                 state = prefix_forward(lm, *pad_rows(prompts, self.pad_token_id, device))
@@ -151,9 +156,8 @@ class DistillationObjective(nn.Module):
                                         suffix_lengths=lengths)
             first = state.last_hidden.index_select(0, group_index)[:, None]
             return torch.cat([first, out.hidden_states[:, :-1]], dim=1)
-        rows = [prompts[g] + r[:n] for g, r, n in zip(group_index.tolist(), responses.tolist(),
-                                                       lengths.tolist(), strict=True)]
-        ids, seq_lengths = pad_rows(rows, self.pad_token_id, device)
+        ids, seq_lengths = pad_rows([prompts[g] + r for g, r in zip(
+            batch.group_index, batch.responses, strict=True)], self.pad_token_id, device)
         mask = torch.arange(ids.shape[1], device=device)[None, :] < seq_lengths[:, None]
         hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask.long(),
                                   use_cache=False).last_hidden_state
