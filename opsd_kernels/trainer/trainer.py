@@ -226,14 +226,16 @@ class OPSDTrainer:
 
     def _accuracy_counts(self, batches: list[RolloutBatch],
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        correct = total = 0
-        for batch in batches:
-            texts = self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
-            for text, g in zip(texts, batch.group_index, strict=True):
-                correct += is_correct(text, batch.problems[g].answer)
-                total += 1
+        correct = sum(self._correct(b.responses, [b.problems[g].answer for g in b.group_index])
+                      for b in batches)
+        total = sum(len(b.responses) for b in batches)
         return (torch.tensor(float(correct), device=device),
                 torch.tensor(float(total), device=device))
+
+    def _correct(self, responses: list[list[int]], answers: list[str | None]) -> int:
+        """How many decoded responses end in the matching boxed answer."""
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))
 
     # --- evaluation ----------------------------------------------------------------------
 
@@ -253,10 +255,8 @@ class OPSDTrainer:
                                 c.eval_max_new_tokens or c.max_new_tokens)
         prompts = [p.student if prompt == "student" else p.teacher for p in mine]
         responses = self.engine.generate(prompts, params) if mine else []
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        answers = [p.answer for p in mine for _ in range(num_samples)]
-        correct = sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))
-        counts = torch.tensor([float(correct), float(len(texts)),
+        correct = self._correct(responses, [p.answer for p in mine for _ in range(num_samples)])
+        counts = torch.tensor([float(correct), float(len(responses)),
                                float(sum(len(r) for r in responses))], device=acc.device)
         correct, total, tokens = acc.reduce(counts, reduction="sum").tolist()
         return {"eval_accuracy": correct / total, "eval_response_length": tokens / total,
