@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +111,42 @@ def assert_fa_rule(ours: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor
     assert err <= factor * base + floor, (
         f"{what}: error {err:.3e} vs float64 exceeds {factor} x plain PyTorch's {base:.3e} "
         f"+ floor {floor:.1e}")
+
+
+# --- the background lowering sweep of test_triton_lowering.py ---------------------------------
+
+HAS_TRITON_PACKAGE = importlib.util.find_spec("triton") is not None
+_LOWERING: dict[str, object] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start lowering every Triton kernel for the GPU as soon as a test that reads the results
+    is selected: a few CPU-minutes of compiles that then overlap the rest of the suite."""
+    if HAS_TRITON_PACKAGE and any(
+            item.path.name == "test_triton_lowering.py" and "lowered" in item.fixturenames
+            for item in session.items):
+        _start_lowering(Path(tempfile.mkdtemp(prefix="opsd-lowering-")))
+
+
+def _start_lowering(work_dir: Path):
+    import triton_lowering
+
+    _LOWERING["dir"] = work_dir
+    _LOWERING["job"] = triton_lowering.start(work_dir)
+    return _LOWERING["job"]
+
+
+def lowering_job(tmp_path_factory: pytest.TempPathFactory):
+    """The sweep started at collection (or now, when collection did not start one)."""
+    return _LOWERING.get("job") or _start_lowering(tmp_path_factory.mktemp("lowering"))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    job = _LOWERING.get("job")
+    if job is not None and job.process.poll() is None:
+        job.process.kill()
+    if "dir" in _LOWERING and str(_LOWERING["dir"]).startswith(tempfile.gettempdir()):
+        shutil.rmtree(_LOWERING["dir"], ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

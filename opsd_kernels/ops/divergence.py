@@ -208,6 +208,13 @@ def divergence_rows_kernel(
     tl.store(out + 6, tl.where(valid, logq_y, 0.0))
 
 
+def launch_config(vocab: int, on_gpu: bool) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of a launch over rows of `vocab` columns: one 4096-wide tile at a
+    time on a GPU (1024 under the interpreter, which runs numpy per program)."""
+    block_v = min(triton.next_power_of_2(vocab), 4096 if on_gpu else 1024)
+    return block_v, 8 if block_v >= 2048 else 4
+
+
 def divergence_rows_triton_(
     s: torch.Tensor,
     t: torch.Tensor,
@@ -223,7 +230,7 @@ def divergence_rows_triton_(
     rows, vocab = s.shape
     if rows == 0:
         return
-    block_v = min(triton.next_power_of_2(vocab), 4096 if s.is_cuda else 1024)
+    block_v, num_warps = launch_config(vocab, s.is_cuda)
     divergence_rows_kernel[(rows,)](
         s, s.stride(0), t, t.stride(0), labels if labels is not None else coef, coef, stats,
         vocab, opts.ignore_index, opts.beta,
@@ -232,5 +239,5 @@ def divergence_rows_triton_(
         opts.softcap if opts.softcap is not None else 1.0,
         KIND=KIND_CODES[opts.kind], HAS_LABELS=labels is not None, HAS_CLIP=opts.clip is not None,
         HAS_SOFTCAP=opts.softcap is not None, WRITE_GRAD=write_grad, NUM_STATS=stats.shape[1],
-        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        BLOCK_V=block_v, num_warps=num_warps,
     )

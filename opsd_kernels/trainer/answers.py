@@ -23,7 +23,8 @@ def last_boxed(text: str) -> str | None:
 
 
 def _normalise(answer: str) -> str:
-    return re.sub(r"\s+", "", answer).rstrip(".").replace("\\!", "")
+    answer = re.sub(r"\s+", "", answer).rstrip(".").replace("\\!", "")
+    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)  # 1,776 -> 1776
 
 
 @functools.cache
