@@ -122,6 +122,8 @@ _LOWERING: dict[str, object] = {}
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start lowering every Triton kernel for the GPU as soon as a test that reads the results
     is selected: a few CPU-minutes of compiles that then overlap the rest of the suite."""
+    if session.config.option.collectonly:
+        return
     if HAS_TRITON_PACKAGE and any(
             item.path.name == "test_triton_lowering.py" and "lowered" in item.fixturenames
             for item in session.items):

@@ -9,8 +9,8 @@ memory is checked against the device limit.
 
 `VARIANTS` is the one list: one entry per kernel (`*_kernel` in a module of opsd_kernels.ops),
 each a function yielding that kernel's variants; test_triton_lowering.py fails when a kernel
-has no entry. Run as a script it lowers them all, across worker processes, and writes one JSON
-line per variant:
+has no entry. Run as a script it lowers them all, across worker processes, and writes a JSON
+line listing every (variant, arch), then one line per lowering:
 
     python tests/triton_lowering.py OUT.jsonl [--workers N]
 """
@@ -244,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run without TRITON_INTERPRET=1: the point is the real GPU pipeline")
+    # Made here, not by the caller: launch configurations differ under the interpreter.
     jobs = [(v, arch) for v in all_variants() for arch in v.archs]
     # Attention kernels take seconds each and the divergence ones a fraction: deal them out
     # round-robin so the workers finish together.
     shards = [jobs[i::args.workers] for i in range(args.workers)]
     with ProcessPoolExecutor(args.workers) as pool, open(args.out, "w") as out:
+        out.write(json.dumps({"expected": [[v.label, arch] for v, arch in jobs]}) + "\n")
         for results in pool.map(_lower_all, shards):
             for r in results:
                 out.write(json.dumps(r) + "\n")
