@@ -15,7 +15,14 @@ NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp
 # machine without a C++ compiler: make test OPSD_REQUIRE_NATIVE=0
 OPSD_REQUIRE_NATIVE ?= 1
 
-.PHONY: demo test bench bench-native lint clean
+# `make gpu-check` runs on a GPU machine with the Python that holds its CUDA torch (no .venv: such
+# a machine may have no network); `make gpu-wheels` fills .gpu-wheels/ for it on a machine with
+# network (the peers' wheels at the versions installed in .venv, for GPU_PYTHON_VERSION).
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_CHECK_OUT ?= bench/results/gpu-check
+
+.PHONY: demo test test-fast bench bench-native gpu-check gpu-wheels lint clean
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@if [ ! -x $(PY) ]; then \
@@ -36,6 +43,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OPSD_REQUIRE_NATIVE=$(OPSD_REQUIRE_NATIVE) $(PY) -m pytest -q tests
+
+# The edit loop: everything but the tests marked slow (GPU lowering, compilers, torchrun, bench).
+test-fast: $(STAMP)
+	OPSD_REQUIRE_NATIVE=$(OPSD_REQUIRE_NATIVE) $(PY) -m pytest -q -m "not slow" tests
+
+gpu-check:
+	@GPU_CHECK_OUT="$(GPU_CHECK_OUT)" $(GPU_PYTHON) bench/gpu_check.py
+
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_check.py --download-wheels .gpu-wheels --python-version $(GPU_PYTHON_VERSION)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -rs bench/bench_divergence.py --benchmark-json=.benchmarks/divergence.json

@@ -6,8 +6,9 @@
 Shapes follow the device: CUDA gets the Llama-3 head (H=4096, V=128256, bf16) at four token
 counts, frozen and trainable head; CPU gets one small fp32 shape with a frozen head (OPSD's LoRA
 setting). Environment knobs: OPSD_BENCH_SMOKE=1 (tiny shapes, one round, both heads: lets a
-test check this file still runs), OPSD_BENCH_ROUNDS, OPSD_BENCH_DEVICE, and OPSD_BENCH_HEADS
-("frozen", "trainable" or "frozen,trainable").
+test check this file still runs), OPSD_BENCH_ROUNDS, OPSD_BENCH_DEVICE, OPSD_BENCH_HEADS
+("frozen", "trainable" or "frozen,trainable") and OPSD_BENCH_TOKENS (the CUDA token counts,
+comma-separated). A peer whose package is missing is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ TRAIN_WEIGHT = [
 _ROUNDS = 1 if SMOKE else 10 if DEVICE.type == "cuda" else 3
 ROUNDS = int(os.environ.get("OPSD_BENCH_ROUNDS", _ROUNDS))
 WARMUP_ROUNDS = 0 if SMOKE or DEVICE.type != "cuda" else 2
+# Liger's benchmark sizes (1k .. 8k) and 16k, where the memory target is set.
+CUDA_TOKENS = [int(n) for n in os.environ.get("OPSD_BENCH_TOKENS",
+                                              "1024,2048,4096,8192,16384").split(",")]
 
 
 def _cases() -> list[Case]:
     if SMOKE:
         shapes = [(64, 32, 512, torch.float32)]
     elif DEVICE.type == "cuda":
-        shapes = [(n, 4096, 128256, torch.bfloat16) for n in (1024, 4096, 8192, 16384)]
+        shapes = [(n, 4096, 128256, torch.bfloat16) for n in CUDA_TOKENS]
     else:
         shapes = [(2048, 256, 32768, torch.float32)]
     return [
@@ -106,6 +110,8 @@ def _prepare(peer: Peer, inp: Inputs, case: Case) -> tuple[Step, int | None, dic
         peak, loss = peak_bytes(step, DEVICE)
     except NotImplementedError as e:  # a backend that exists but lacks this op yet
         pytest.skip(f"{peer.name}: {e}")
+    except ImportError as e:  # a peer whose package this machine lacks
+        pytest.skip(f"{peer.name}: {e} (install it, or `make gpu-wheels` for a GPU machine)")
     except torch.OutOfMemoryError as e:
         oom = f"{peer.name} ran out of memory: {str(e).splitlines()[0]}"
     else:

@@ -25,7 +25,8 @@ ratios come from interleaved rounds (plain, shared, plain, shared, ...) run by t
 after its own timing, so that a change of machine load hits both sides alike; the table reports
 the medians of those rounds. The last test prints the table with the targets (student >= 1.5x,
 teacher >= 2x, lower peak; teacher-reuse has none). Knobs: OPSD_BENCH_SMOKE=1 (tiny model, one
-round), OPSD_BENCH_ROUNDS (timed rounds, and interleaved pairs).
+round), OPSD_BENCH_ROUNDS (timed rounds, and interleaved pairs), OPSD_BENCH_DEVICE (only the
+case of that device: `cpu` or `cuda`).
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ class Case:
 def _cases() -> list[Case]:
     if SMOKE:
         return [Case("smoke", "cpu", torch.float32, 2, 64, 4, 2, 16, 128, 128, 16, 16, 8, 4)]
-    return [
+    cases = [
         Case("cpu-small", "cpu", torch.float32, 4, 256, 8, 4, 32, 768, 1024, 256, 256, 128, 8),
         Case("qwen3-1.7b", "cuda", torch.bfloat16, 28, 2048, 16, 8, 128, 6144, 151936,
              1024, 1024, 1024, 8),
     ]
+    device = os.environ.get("OPSD_BENCH_DEVICE")
+    return [c for c in cases if device is None or c.device == device]
 
 
 def _rounds(case: Case) -> tuple[int, int]:

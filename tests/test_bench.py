@@ -17,8 +17,9 @@ def _run(args: list[str], **kwargs) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("suite, report", [("bench_divergence", "report"),
-                                           ("bench_native", "report_native")])
+# bench_divergence.py and its report run in test_gpu_check.py's dry run.
+@pytest.mark.slow
+@pytest.mark.parametrize("suite, report", [("bench_native", "report_native")])
 def test_bench_smoke(tmp_path: Path, suite: str, report: str) -> None:
     raw = tmp_path / f"{suite}.json"
     _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", f"bench/{suite}.py",
