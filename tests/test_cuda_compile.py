@@ -48,6 +48,7 @@ HOST_STEP = "cuda_host"
 
 requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 requires_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++ or $CXX)")
+pytestmark = pytest.mark.slow  # compiles: nvcc, g++ against torch's headers, a host harness
 
 
 def _cuda_include() -> Path | None:

@@ -530,6 +530,7 @@ def test_import_stays_lean() -> None:
     assert run.returncode == 0, run.stderr
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path: Path) -> None:
     """bench/bench_prefix.py still runs (tiny model, one round)."""
     env = dict(os.environ, OPSD_BENCH_SMOKE="1", OMP_NUM_THREADS="1")

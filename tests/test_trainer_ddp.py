@@ -13,6 +13,7 @@ import pytest
 import torch
 
 WORKER = Path(__file__).parent / "ddp_train_worker.py"
+pytestmark = pytest.mark.slow  # two torchrun processes
 
 
 @pytest.mark.parametrize("lora", ["0", "1"], ids=["full", "lora"])
