@@ -1,5 +1,6 @@
 """The Triton launchers of shared-prefix attention (`opsd_kernels.ops.attention`) alone: every
-output element written, every kernel lowered for sm_90. Their numerics through the op:
+output element written, every kernel lowered for sm_90, and what only a GPU build would
+reject or get wrong (32-bit offsets, grid limits). Their numerics through the op:
 test_attention.py."""
 
 from __future__ import annotations
@@ -99,3 +100,53 @@ def test_kernels_compile_for_hopper(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (
         proc.stdout[-4000:] + proc.stderr[-4000:])
 
+
+# Every tensor of the op as a view whose position (or head-dim) stride is an int32 value but
+# whose offsets reach past 2^31: a 32-bit product wraps to a negative offset, which the
+# interpreter reads as the GPU would (a crash, or another tensor's data). The buffers are
+# allocated but never touched beyond the viewed elements (pages are committed on first touch),
+# so each costs a few pages of memory, not its 4 GB of address space. A subprocess: a wrapped
+# offset may crash the interpreter.
+_WIDE_OFFSETS = r"""
+import sys, torch
+from opsd_kernels.attention import shared_prefix_attention
+
+STRIDE = 2**30 + 64  # int32; twice it is not
+dim = int(sys.argv[1])  # the dim whose stride is STRIDE: 2 positions, 3 head dim
+
+
+def spread(x):
+    strides = [1, 1, 1, 1]
+    strides[dim] = STRIDE
+    span = 1 + sum((n - 1) * s for n, s in zip(x.shape, strides))
+    view = torch.empty(span, dtype=x.dtype).as_strided(x.shape, strides)
+    return view.copy_(x)
+
+
+g = torch.Generator().manual_seed(0)
+# B = H = 1 (their strides never matter), three positions and a head dim of 3 (two steps of
+# STRIDE along the spread dim reach 2^31 + 128).
+xs = [torch.randn(1, 1, 3, 3, generator=g, dtype=torch.float32) for _ in range(5)]
+ints = torch.zeros(1, dtype=torch.int64), torch.tensor([3]), torch.tensor([3])
+results = []
+for inputs in (xs, [spread(x) for x in xs]):
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    out = shared_prefix_attention(*leaves, *ints, backend="triton")
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    results.append((out, *grads))
+for want, got in zip(*results):
+    assert torch.equal(got, want), (got, want)
+print("OK")
+"""
+
+
+@requires_triton
+@pytest.mark.parametrize("dim", [2, 3], ids=["positions", "head_dim"])
+def test_offsets_past_2_31_do_not_wrap(dim: int) -> None:
+    """Offsets that reach past 2^31 elements (strides below 2^31) give the results of the same
+    values laid out contiguously, forward and backward."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _WIDE_OFFSETS, str(dim)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (
+        f"exit code {proc.returncode}\n" + proc.stdout[-4000:] + proc.stderr[-4000:])

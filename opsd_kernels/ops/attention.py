@@ -28,6 +28,11 @@ Backward (flash-attention 2 per part, both parts using the merged lse and output
    result is deterministic and no atomics are needed.
 Padded queries (r >= suffix_lengths[b]) get out = 0, lse = 0, dQ = 0 and contribute nothing;
 padded keys are masked with -inf before the softmax and get dK = dV = 0.
+
+Offsets: every index that multiplies a stride (rows, heads, positions, head dims) is int64.
+Triton passes a stride below 2^31 as int32, and int32 products wrap silently on a GPU (and
+under the interpreter); one row of a [B, R, H, D] view of a [B, R, H * D] projection already
+spans R * H * D elements, more than 2^31 at R = 256k, H * D = 8192.
 """
 
 from __future__ import annotations
@@ -72,6 +77,14 @@ def _cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
             bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
             x = bits.to(tl.float32, bitcast=True)  # exactly representable in bfloat16 now
     return x.to(dtype)
+
+
+@triton.jit
+def _span(start, BLOCK: tl.constexpr):
+    """start + [0, BLOCK) in int64, for indices that multiply strides. Not left to promotion:
+    a loop counter over an int64 bound is int64 in a GPU build but a Python int (so int32) in
+    the interpreter."""
+    return start + tl.arange(0, BLOCK).to(tl.int64)
 
 
 @triton.jit
@@ -120,7 +133,7 @@ def _fwd_prefix_kernel(
     s = (pid - tl.load(blk_start_ptr + g)) * BLOCK_M + tl.arange(0, BLOCK_M)
     b, hr, r, valid = _stacked_lanes(s, n_stack, perm_ptr, tl.load(row_start_ptr + g), sl_ptr,
                                      rep_r, R)
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
     head = h * REP + hr
     q = tl.load(Q + (b * sqb + head * sqh + r * sqr)[:, None] + d[None, :] * sqd,
@@ -133,7 +146,7 @@ def _fwd_prefix_kernel(
     z = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, plen, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = _span(n0, BLOCK_N)
         n_ok = n < plen
         m, z, acc = _online_step(
             q, k_base + n[:, None] * skn + d[None, :] * skd,
@@ -160,9 +173,9 @@ def _fwd_suffix_kernel(
     b = tl.program_id(2).to(tl.int64)
     h = hq // REP
     slen = tl.load(sl_ptr + b)
-    r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = _span(m_blk * BLOCK_M, BLOCK_M)
     valid = r < slen
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
     vd = valid[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + hq * sqh + r[:, None] * sqr + d[None, :] * sqd, mask=vd, other=0.0)
@@ -176,7 +189,7 @@ def _fwd_suffix_kernel(
     v_base = V + b * svb + h * svh
     hi = tl.minimum((m_blk + 1) * BLOCK_M, slen)
     for n0 in range(0, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = _span(n0, BLOCK_N)
         n_ok = n < slen
         m, z, acc = _online_step(
             q, k_base + n[:, None] * skr + d[None, :] * skd,
@@ -217,9 +230,9 @@ def _bwd_dq_kernel(
     g = tl.load(gi_ptr + b)
     plen = tl.load(pl_ptr + g)
     slen = tl.load(sl_ptr + b)
-    r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = _span(m_blk * BLOCK_M, BLOCK_M)
     valid = r < slen
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
     vd = valid[:, None] & d_ok[None, :]
     row = (b * HQ + hq) * R + r
@@ -236,7 +249,7 @@ def _bwd_dq_kernel(
     pk_base = PK + g * spkg + h * spkh
     pv_base = PV + g * spvg + h * spvh
     for n0 in range(0, plen, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = _span(n0, BLOCK_N)
         n_ok = n < plen
         dq = _dq_step(q, do, lse2, delta, pk_base + n[:, None] * spkn + d[None, :] * spkd,
                       pv_base + n[:, None] * spvn + d[None, :] * spvd,
@@ -246,7 +259,7 @@ def _bwd_dq_kernel(
     v_base = V + b * svb + h * svh
     hi = tl.minimum((m_blk + 1) * BLOCK_M, slen)
     for n0 in range(0, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = _span(n0, BLOCK_N)
         n_ok = n < slen
         dq = _dq_step(q, do, lse2, delta, k_base + n[:, None] * skr + d[None, :] * skd,
                       v_base + n[:, None] * svr + d[None, :] * svd,
@@ -282,9 +295,9 @@ def _bwd_suffix_dkdv_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     slen = tl.load(sl_ptr + b)
-    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = _span(n_blk * BLOCK_N, BLOCK_N)
     n_ok = n < slen
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + h * skh + n[:, None] * skr + d[None, :] * skd, mask=kv_mask,
@@ -299,7 +312,7 @@ def _bwd_suffix_dkdv_kernel(
     for hr in range(0, REP):
         hq = h * REP + hr
         for m0 in range(lo, hi, BLOCK_M):
-            r = m0 + tl.arange(0, BLOCK_M)
+            r = _span(m0, BLOCK_M)
             valid = r < slen
             row = (b * HQ + hq) * R + r
             vd = valid[:, None] & d_ok[None, :]
@@ -328,9 +341,9 @@ def _bwd_prefix_dkdv_kernel(
     h = tl.program_id(1).to(tl.int64)
     g = tl.program_id(2).to(tl.int64)
     plen = tl.load(pl_ptr + g)
-    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = _span(n_blk * BLOCK_N, BLOCK_N)
     n_ok = n < plen
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(PK + g * spkg + h * spkh + n[:, None] * spkn + d[None, :] * spkd, mask=kv_mask,
