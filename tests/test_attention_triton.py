@@ -101,6 +101,47 @@ def test_kernels_compile_for_hopper(tmp_path: Path) -> None:
         proc.stdout[-4000:] + proc.stderr[-4000:])
 
 
+def _inside_nan(x: torch.Tensor) -> torch.Tensor:
+    """x, contiguous, in the middle of a NaN-filled buffer three times its size: a read past
+    either end of it finds NaN."""
+    buffer = torch.full((3 * x.numel(),), math.nan, dtype=x.dtype, device=x.device)
+    return buffer[x.numel():2 * x.numel()].view(x.shape).copy_(x)
+
+
+def _launch_both(x: list[torch.Tensor], grad_out: torch.Tensor, ints: tuple, scale: float
+                 ) -> list[torch.Tensor]:
+    from opsd_kernels.ops.attention import (
+        shared_prefix_attention_bwd_triton_,
+        shared_prefix_attention_fwd_triton_,
+    )
+
+    out, lse = torch.empty_like(x[0]), torch.empty(x[0].shape[:3], device=x[0].device)
+    shared_prefix_attention_fwd_triton_(*x, *ints, scale, out, lse)
+    grads = [torch.empty_like(t) for t in x]
+    shared_prefix_attention_bwd_triton_(grad_out, *x, *ints, out, lse, scale, *grads)
+    return [out, lse, *grads]
+
+
+@requires_triton
+def test_lengths_past_the_tensors_read_nothing_past_them(seed: int) -> None:
+    """Lengths beyond R or P are refused on the host, but not while torch.compile traces;
+    the kernels then read them as R and P and never past their tensors (a read past the end
+    could fault on a GPU): with every tensor inside NaN, the results are those of the clamped
+    lengths, bitwise."""
+    case = CASES["gqa_ragged"]  # R = 7, P = 5, groups (2, 0, 2, 2), group 1 without rows
+    inp = make_inputs(seed, case)
+    x = [_inside_nan(t.float()) for t in inp.tensors.values()]
+    grad_out = _inside_nan(inp.grad_out.float())
+    long = (inp.group_index, torch.tensor([case.p + 3, 2, case.p + 1]),
+            torch.tensor([case.r + 2, 1, 4, case.r + 9]))
+    clamped = (inp.group_index, long[1].clamp(max=case.p), long[2].clamp(max=case.r))
+    want = _launch_both(x, grad_out, clamped, case.d**-0.5)
+    got = _launch_both(x, grad_out, long, case.d**-0.5)
+    for name, a, b in zip(("out", "lse", *NAMES), got, want, strict=True):
+        assert not b.isnan().any(), name
+        assert torch.equal(a, b), name
+
+
 # Every tensor of the op as a view whose position (or head-dim) stride is an int32 value but
 # whose offsets reach past 2^31: a 32-bit product wraps to a negative offset, which the
 # interpreter reads as the GPU would (a crash, or another tensor's data). The buffers are

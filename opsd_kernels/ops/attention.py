@@ -27,7 +27,9 @@ Backward (flash-attention 2 per part, both parts using the merged lse and output
    the group's stacked queries (all its rows): dK_P / dV_P are summed in registers, so the
    result is deterministic and no atomics are needed.
 Padded queries (r >= suffix_lengths[b]) get out = 0, lse = 0, dQ = 0 and contribute nothing;
-padded keys are masked with -inf before the softmax and get dK = dV = 0.
+padded keys are masked with -inf before the softmax and get dK = dV = 0. Lengths are read
+clamped to R and P: the op refuses longer ones on the host, but not while torch.compile traces
+(the check would read the device), and a longer one would read past its tensor.
 
 Offsets: every index that multiplies a stride (rows, heads, positions, head dims) is int64.
 Triton passes a stride below 2^31 as int32, and int32 products wrap silently on a GPU (and
@@ -94,7 +96,7 @@ def _stacked_lanes(s, n_stack, perm_ptr, row0, sl_ptr, rep_r, R):
     j = s // rep_r
     t = s % rep_r
     b = tl.load(perm_ptr + row0 + j, mask=in_group, other=0)
-    slen = tl.load(sl_ptr + b, mask=in_group, other=0)
+    slen = tl.minimum(tl.load(sl_ptr + b, mask=in_group, other=0), R)
     r = t % R
     return b, (t // R).to(tl.int64), r.to(tl.int64), in_group & (r < slen)
 
@@ -119,7 +121,7 @@ def _fwd_prefix_kernel(
     Q, PK, PV, OP, LSEP,
     block_group_ptr, blk_start_ptr, perm_ptr, row_start_ptr, count_ptr, pl_ptr, sl_ptr,
     sqb, sqh, sqr, sqd, skg, skh, skn, skd, svg, svh, svn, svd,
-    G, HQ, R, D, REP, qk_scale2,
+    G, HQ, R, P, D, REP, qk_scale2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -139,7 +141,7 @@ def _fwd_prefix_kernel(
     q = tl.load(Q + (b * sqb + head * sqh + r * sqr)[:, None] + d[None, :] * sqd,
                 mask=valid[:, None] & d_ok[None, :], other=0.0)
 
-    plen = tl.where(live, tl.load(pl_ptr + g), 0)
+    plen = tl.where(live, tl.minimum(tl.load(pl_ptr + g), P), 0)
     k_base = PK + g * skg + h * skh
     v_base = PV + g * svg + h * svh
     m = tl.zeros([BLOCK_M], tl.float32) + _FLOOR
@@ -172,7 +174,7 @@ def _fwd_suffix_kernel(
     hq = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     h = hq // REP
-    slen = tl.load(sl_ptr + b)
+    slen = tl.minimum(tl.load(sl_ptr + b), R)
     r = _span(m_blk * BLOCK_M, BLOCK_M)
     valid = r < slen
     d = _span(0, BLOCK_D)
@@ -219,7 +221,7 @@ def _bwd_dq_kernel(
     Q, K, V, PK, PV, OUT, DO, LSE, DELTA, DQ, gi_ptr, pl_ptr, sl_ptr,
     sqb, sqh, sqr, sqd, skb, skh, skr, skd, svb, svh, svr, svd,
     spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd,
-    HQ, R, D, REP, qk_scale2, scale,
+    HQ, R, P, D, REP, qk_scale2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -228,8 +230,8 @@ def _bwd_dq_kernel(
     b = tl.program_id(2).to(tl.int64)
     h = hq // REP
     g = tl.load(gi_ptr + b)
-    plen = tl.load(pl_ptr + g)
-    slen = tl.load(sl_ptr + b)
+    plen = tl.minimum(tl.load(pl_ptr + g), P)
+    slen = tl.minimum(tl.load(sl_ptr + b), R)
     r = _span(m_blk * BLOCK_M, BLOCK_M)
     valid = r < slen
     d = _span(0, BLOCK_D)
@@ -294,7 +296,7 @@ def _bwd_suffix_dkdv_kernel(
     n_blk = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    slen = tl.load(sl_ptr + b)
+    slen = tl.minimum(tl.load(sl_ptr + b), R)
     n = _span(n_blk * BLOCK_N, BLOCK_N)
     n_ok = n < slen
     d = _span(0, BLOCK_D)
@@ -340,7 +342,7 @@ def _bwd_prefix_dkdv_kernel(
     n_blk = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     g = tl.program_id(2).to(tl.int64)
-    plen = tl.load(pl_ptr + g)
+    plen = tl.minimum(tl.load(pl_ptr + g), P)
     n = _span(n_blk * BLOCK_N, BLOCK_N)
     n_ok = n < plen
     d = _span(0, BLOCK_D)
@@ -464,7 +466,8 @@ def shared_prefix_attention_fwd_triton_(
                                                                    c.rep * c.r, c.block_m)
     _fwd_prefix_kernel[(block_group.shape[0], c.hkv)](
         q, pk, pv, o_p, lse_p, block_group, blk_start, perm, row_start, count, prefix_lengths,
-        suffix_lengths, *_strides(q, pk, pv), c.g, c.hq, c.r, c.d, c.rep, c.qk_scale2, **c.meta)
+        suffix_lengths, *_strides(q, pk, pv), c.g, c.hq, c.r, c.p, c.d, c.rep, c.qk_scale2,
+        **c.meta)
     _fwd_suffix_kernel[(triton.cdiv(c.r, c.block_m), c.hq, c.b)](
         q, k, v, o_p, lse_p, out, lse, suffix_lengths, *_strides(q, k, v), c.hq, c.r, c.d, c.rep,
         c.qk_scale2, **c.meta)
@@ -488,8 +491,8 @@ def shared_prefix_attention_bwd_triton_(
     delta = torch.empty((c.b, c.hq, c.r), dtype=torch.float32, device=q.device)
     _bwd_dq_kernel[(triton.cdiv(c.r, c.block_m), c.hq, c.b)](
         q, k, v, pk, pv, out, grad_out, lse, delta, dq, group_index, prefix_lengths,
-        suffix_lengths, *_strides(q, k, v, pk, pv), c.hq, c.r, c.d, c.rep, c.qk_scale2, scale,
-        **c.meta)
+        suffix_lengths, *_strides(q, k, v, pk, pv), c.hq, c.r, c.p, c.d, c.rep, c.qk_scale2,
+        scale, **c.meta)
     _bwd_suffix_dkdv_kernel[(triton.cdiv(c.r, c.block_n), c.hkv, c.b)](
         q, k, v, grad_out, lse, delta, dk, dv, suffix_lengths, *_strides(q, k, v), c.hq, c.hkv,
         c.r, c.d, c.rep, c.qk_scale2, scale, **c.meta)
