@@ -187,10 +187,14 @@ def _validate(query, key, value, prefix_key, prefix_value, group_index, prefix_l
     v.check(tuple(prefix_value.shape) == tuple(prefix_key.shape), f"prefix_value: expected "
             f"shape {tuple(prefix_key.shape)} (prefix_key's), got {tuple(prefix_value.shape)}")
     if backend == "triton":
-        from opsd_kernels.ops.attention import MAX_HEAD_DIM
+        from opsd_kernels.ops.attention import MAX_GRID_ROWS, MAX_HEAD_DIM
 
         v.check(d <= MAX_HEAD_DIM, f"query: head dim {d} exceeds the Triton kernels' "
                 f"{MAX_HEAD_DIM}; use backend='torch'")
+        v.check(b <= MAX_GRID_ROWS, f"query: {b} suffix rows exceed the Triton kernels' "
+                f"{MAX_GRID_ROWS} (a CUDA grid dimension); split the batch")
+        v.check(g <= MAX_GRID_ROWS, f"prefix_key: {g} groups exceed the Triton kernels' "
+                f"{MAX_GRID_ROWS} (a CUDA grid dimension); split the batch")
     gi = v.check_index("group_index", group_index, (b,), device, "query",
                        "B, one per suffix row")
     v.check_values((gi >= 0) & (gi < g), f"group_index: values must be in [0, {g}) (G = "

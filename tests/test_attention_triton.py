@@ -16,7 +16,7 @@ import torch
 from attention_cases import CASES, NAMES, make_inputs
 from conftest import DEVICE, HAS_TRITON, assert_close, requires_triton
 
-from opsd_kernels.attention import shared_prefix_attention_op
+from opsd_kernels.attention import shared_prefix_attention, shared_prefix_attention_op
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The interpreter evaluates exp2 on lanes that tl.where then discards.
@@ -140,6 +140,23 @@ def test_lengths_past_the_tensors_read_nothing_past_them(seed: int) -> None:
     for name, a, b in zip(("out", "lse", *NAMES), got, want, strict=True):
         assert not b.isnan().any(), name
         assert torch.equal(a, b), name
+
+
+@requires_triton
+def test_grids_beyond_cuda_limits_are_refused() -> None:
+    """Rows and groups sit on a grid dimension CUDA caps at 65535 (the interpreter has no
+    cap): more is a clear error before any launch, not a failed launch on the GPU."""
+    from opsd_kernels.ops.attention import MAX_GRID_ROWS
+
+    n = MAX_GRID_ROWS + 1
+    small = torch.randn(1, 1, 1, 16)
+    rows = torch.randn(n, 1, 1, 16)
+    with pytest.raises(ValueError, match=rf"^query: {n} suffix rows exceed"):
+        shared_prefix_attention(rows, rows, rows, small, small, torch.zeros(n, dtype=torch.long),
+                                backend="triton")
+    with pytest.raises(ValueError, match=rf"^prefix_key: {n} groups exceed"):
+        shared_prefix_attention(small, small, small, rows, rows, torch.zeros(1, dtype=torch.long),
+                                backend="triton")
 
 
 # Every tensor of the op as a view whose position (or head-dim) stride is an int32 value but

@@ -53,6 +53,9 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 
 MAX_HEAD_DIM = 256
+# The launchers put suffix rows and prefix groups on grid dimension z (y holds heads), which
+# CUDA caps at 65535; the interpreter runs any grid, so only a GPU launch would fail.
+MAX_GRID_ROWS = 65535
 
 
 # PRECISION "upcast" marks a run under the Triton 3.9 interpreter, whose bfloat16 support has
