@@ -114,3 +114,16 @@ def test_cpu_runs_the_fused_form() -> None:
     assert not runs_fused_form(torch.device("meta"))
 
 
+
+
+def test_old_import_path_still_resolves() -> None:
+    """The forms lived in opsd_kernels.reference.attention before; importing them from there
+    still works, and gives the same objects."""
+    from opsd_kernels.ops import attention_torch
+    from opsd_kernels.reference import attention as reference
+
+    for name in ("prefix_attention_parts", "prefix_attention_backward", "fused_prefix_attention",
+                 "fused_prefix_attention_backward", "chunk_rows", "WORKSPACE_BYTES"):
+        assert getattr(reference, name) is getattr(attention_torch, name), name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        reference.no_such_name  # noqa: B018
