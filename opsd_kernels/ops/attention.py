@@ -289,6 +289,37 @@ def _dkdv_step(k, v, q, do, lse2, delta, allowed, dk, dv, qk_scale2, PRECISION: 
 
 
 @triton.jit
+def _key_tile(K, V, k_base, v_base, n, n_ok, skn, skd, svn, svd, d, d_ok):
+    """Keys and values n (int64 positions) of one kv head; 0 on masked lanes."""
+    mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + k_base + n[:, None] * skn + d[None, :] * skd, mask=mask, other=0.0)
+    v = tl.load(V + v_base + n[:, None] * svn + d[None, :] * svd, mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _query_tile(Q, q_rows, sqd, DO, LSE, DELTA, row, valid, d, d_ok, D):
+    """Queries (q_rows: each one's offset in Q), their dO, lse (log2 domain) and Delta; row
+    indexes the contiguous [B, Hq, R] buffers."""
+    vd = valid[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_rows[:, None] + d[None, :] * sqd, mask=vd, other=0.0)
+    do = tl.load(DO + row[:, None] * D + d[None, :], mask=vd, other=0.0)
+    lse2 = tl.load(LSE + row, mask=valid, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row, mask=valid, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _store_key_grads(DK, DV, key_row, in_bounds, d, d_ok, D, dk, dv, scale,
+                     PRECISION: tl.constexpr):
+    """dK (scaled) and dV of a key tile into contiguous outputs; key_row indexes their rows."""
+    out = key_row[:, None] * D + d[None, :]
+    mask = in_bounds[:, None] & d_ok[None, :]
+    tl.store(DK + out, _cast(dk * scale, DK.dtype.element_ty, PRECISION), mask=mask)
+    tl.store(DV + out, _cast(dv, DV.dtype.element_ty, PRECISION), mask=mask)
+
+
+@triton.jit
 def _bwd_suffix_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, sl_ptr,
     sqb, sqh, sqr, sqd, skb, skh, skr, skd, svb, svh, svr, svd,
@@ -304,11 +335,8 @@ def _bwd_suffix_dkdv_kernel(
     n_ok = n < slen
     d = _span(0, BLOCK_D)
     d_ok = d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + n[:, None] * skr + d[None, :] * skd, mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * svb + h * svh + n[:, None] * svr + d[None, :] * svd, mask=kv_mask,
-                other=0.0)
+    k, v = _key_tile(K, V, b * skb + h * skh, b * svb + h * svh, n, n_ok, skr, skd, svr, svd, d,
+                     d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Causal: only queries r >= the first key of the block see it.
@@ -320,18 +348,11 @@ def _bwd_suffix_dkdv_kernel(
             r = _span(m0, BLOCK_M)
             valid = r < slen
             row = (b * HQ + hq) * R + r
-            vd = valid[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + hq * sqh + r[:, None] * sqr + d[None, :] * sqd, mask=vd,
-                        other=0.0)
-            do = tl.load(DO + row[:, None] * D + d[None, :], mask=vd, other=0.0)
-            lse2 = tl.load(LSE + row, mask=valid, other=0.0) * LOG2E
-            delta = tl.load(DELTA + row, mask=valid, other=0.0)
+            q, do, lse2, delta = _query_tile(Q, b * sqb + hq * sqh + r * sqr, sqd, DO, LSE, DELTA,
+                                             row, valid, d, d_ok, D)
             allowed = n_ok[:, None] & valid[None, :] & (n[:, None] <= r[None, :])
             dk, dv = _dkdv_step(k, v, q, do, lse2, delta, allowed, dk, dv, qk_scale2, PRECISION)
-    out = ((b * HKV + h) * R + n)[:, None] * D + d[None, :]
-    store_mask = (n < R)[:, None] & d_ok[None, :]
-    tl.store(DK + out, _cast(dk * scale, DK.dtype.element_ty, PRECISION), mask=store_mask)
-    tl.store(DV + out, _cast(dv, DV.dtype.element_ty, PRECISION), mask=store_mask)
+    _store_key_grads(DK, DV, (b * HKV + h) * R + n, n < R, d, d_ok, D, dk, dv, scale, PRECISION)
 
 
 @triton.jit
@@ -350,11 +371,8 @@ def _bwd_prefix_dkdv_kernel(
     n_ok = n < plen
     d = _span(0, BLOCK_D)
     d_ok = d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(PK + g * spkg + h * spkh + n[:, None] * spkn + d[None, :] * spkd, mask=kv_mask,
-                other=0.0)
-    v = tl.load(PV + g * spvg + h * spvh + n[:, None] * spvn + d[None, :] * spvd, mask=kv_mask,
-                other=0.0)
+    k, v = _key_tile(PK, PV, g * spkg + h * spkh, g * spvg + h * spvh, n, n_ok, spkn, spkd, spvn,
+                     spvd, d, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     rep_r = REP * R
@@ -366,18 +384,12 @@ def _bwd_prefix_dkdv_kernel(
                                          sl_ptr, rep_r, R)
         head = h * REP + hr
         row = (b * HQ + head) * R + r
-        vd = valid[:, None] & d_ok[None, :]
-        q = tl.load(Q + (b * sqb + head * sqh + r * sqr)[:, None] + d[None, :] * sqd, mask=vd,
-                    other=0.0)
-        do = tl.load(DO + row[:, None] * D + d[None, :], mask=vd, other=0.0)
-        lse2 = tl.load(LSE + row, mask=valid, other=0.0) * LOG2E
-        delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        q, do, lse2, delta = _query_tile(Q, b * sqb + head * sqh + r * sqr, sqd, DO, LSE, DELTA,
+                                         row, valid, d, d_ok, D)
         dk, dv = _dkdv_step(k, v, q, do, lse2, delta, n_ok[:, None] & valid[None, :], dk, dv,
                             qk_scale2, PRECISION)
-    out = ((g * HKV + h) * P + n)[:, None] * D + d[None, :]
-    store_mask = (n < P)[:, None] & d_ok[None, :]
-    tl.store(DPK + out, _cast(dk * scale, DPK.dtype.element_ty, PRECISION), mask=store_mask)
-    tl.store(DPV + out, _cast(dv, DPV.dtype.element_ty, PRECISION), mask=store_mask)
+    _store_key_grads(DPK, DPV, (g * HKV + h) * P + n, n < P, d, d_ok, D, dk, dv, scale,
+                     PRECISION)
 
 
 # --- launchers ------------------------------------------------------------------------------------
