@@ -55,6 +55,12 @@ def chunk_rows(query: Tensor, p: int, chunk_size: int | None = None) -> int:
     return max(1, min(b, budget // per_row))
 
 
+def _no_rows(query: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, lse) of a batch without rows."""
+    return query.new_zeros(query.shape), query.new_zeros(
+        (0, *query.shape[1:3]), dtype=math_dtype(query.dtype))
+
+
 def _scores(q: Tensor, keys: Tensor, scale: float, allowed: Tensor) -> Tensor:
     """Masked scaled scores of a chunk against one part: [rows, Hkv, rep * R, keys]."""
     s = (q @ keys.transpose(-1, -2)) * scale
@@ -108,12 +114,10 @@ def prefix_attention_parts(
     padded queries. Differentiable by autograd. chunk_size: rows per chunk (default: from
     `WORKSPACE_BYTES`).
     """
+    if query.shape[0] == 0:
+        return _no_rows(query)
     prefix_lengths, suffix_lengths, scale = with_defaults(query, prefix_key, prefix_lengths,
                                                           suffix_lengths, scale)
-    b, hq, r, _ = query.shape
-    acc = math_dtype(query.dtype)
-    if b == 0:
-        return query.new_zeros(query.shape), query.new_zeros((0, hq, r), dtype=acc)
     outs, lses = [], []
     for _, c in _chunks(query, key, value, prefix_key, prefix_value, group_index,
                         prefix_lengths, suffix_lengths, chunk_size):
@@ -221,12 +225,12 @@ def fused_prefix_attention(
     group ids and prefix lengths on the host). (out in the input dtype, lse in the math dtype),
     both contiguous and 0 on padded queries. Not differentiable by autograd: the backward is
     `fused_prefix_attention_backward`."""
+    if query.shape[0] == 0:
+        return _no_rows(query)
     prefix_lengths, suffix_lengths, scale = with_defaults(query, prefix_key, prefix_lengths,
                                                           suffix_lengths, scale)
     b, hq, r, _ = query.shape
     acc = math_dtype(query.dtype)
-    if b == 0:
-        return query.new_zeros(query.shape), query.new_zeros((0, hq, r), dtype=acc)
     q, k, v, pk, pv = (x.to(acc) for x in (query, key, value, prefix_key, prefix_value))
     o_s, lse_s = _flash(q, k, v, 0.0, True, scale=scale)
     valid = (torch.arange(r, device=query.device) < suffix_lengths[:, None])[:, None, :]
