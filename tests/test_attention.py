@@ -326,6 +326,7 @@ def test_import_is_lean() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path: Path) -> None:
     """bench/bench_attention.py still runs (tiny shapes, one round)."""
     raw = tmp_path / "attention.json"

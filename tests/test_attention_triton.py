@@ -88,6 +88,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not usable here")
 def test_kernels_compile_for_hopper(tmp_path: Path) -> None:
     """The interpreter accepts code that a GPU build rejects: lower every kernel to sm_90 code
