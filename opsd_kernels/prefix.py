@@ -229,6 +229,8 @@ def check_prefix_model(model: nn.Module, max_length: int | None = None) -> None:
     """
     _decoder(model)
     if max_length is not None:
+        v.check(isinstance(max_length, int) and max_length >= 1, f"max_length: must be a "
+                f"positive integer, got {max_length!r}")
         _check_total_length(model.config, max_length, "max_length")
 
 

@@ -399,6 +399,8 @@ def test_check_prefix_model_before_any_call() -> None:
         check_prefix_model(windowed, max_length=14)
     with pytest.raises(ValueError, match="^max_length: 65 tokens .* max_position_embeddings 64"):
         check_prefix_model(make_model("llama"), max_length=65)
+    with pytest.raises(ValueError, match="^max_length: must be a positive integer"):
+        check_prefix_model(make_model("llama"), max_length=0)
     with pytest.raises(ValueError, match="^model: no Hugging Face decoder"):
         check_prefix_model(_NoDecoder(make_model("llama").config))
 
@@ -569,6 +571,7 @@ def test_import_stays_lean() -> None:
     assert run.returncode == 0, run.stderr
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path: Path) -> None:
     """bench/bench_prefix.py still runs (tiny model, one round)."""
     env = dict(os.environ, OPSD_BENCH_SMOKE="1", OMP_NUM_THREADS="1")
