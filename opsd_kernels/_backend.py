@@ -57,22 +57,36 @@ def _triton_error(device: torch.device) -> str | None:
             "under the interpreter: set TRITON_INTERPRET=1 before importing opsd_kernels")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn the user's choice (or OPSD_BACKEND) into the backend that will run, or raise."""
-    choice = os.environ.get("OPSD_BACKEND", backend) if backend == "auto" else backend
-    if choice not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {choice!r}")
+KERNEL_BACKENDS: tuple[str, ...] = tuple(b for b in BACKENDS if b != "auto")
+
+
+def resolve_backend(backend: str, device: torch.device,
+                    available: tuple[str, ...] = KERNEL_BACKENDS, op: str = "the divergence ops",
+                    stacklevel: int = 3) -> str:
+    """Turn the user's choice into the backend that will run on `device`, or raise.
+
+    `available` lists the backends `op` has kernels for (always "torch"; every op of the
+    divergence stack has all three, shared-prefix attention has no native kernel). "auto" takes
+    OPSD_BACKEND when it is set to one of them; the variable is process-wide, so a backend the
+    op lacks (native for attention) leaves the op on its automatic choice. The automatic choice:
+    the native kernels on CPU when built, else PyTorch; Triton on CUDA. On an accelerator where
+    Triton cannot run (or on one without kernels here) it falls back to PyTorch with a warning:
+    the slow path is never picked silently. An explicit
+    choice that cannot run here raises RuntimeError naming the reason. `stacklevel` points the
+    fallback warning at the user's call.
+    """
+    choices = ("auto", *available)
+    lacking = "" if backend not in BACKENDS else f" ({op} has no {backend} kernel)"
+    if backend not in choices:
+        raise ValueError(f"backend: expected one of {choices}, got {backend!r}{lacking}")
+    choice = backend
+    if backend == "auto":
+        env = os.environ.get("OPSD_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"backend: OPSD_BACKEND={env!r} is not one of {BACKENDS}")
+        choice = env if env in available else "auto"
     if choice == "auto":
-        if device.type != "cuda":
-            # On CPU the native row step is several times faster than the PyTorch one
-            # (bench/bench_native.py); without the extension, PyTorch is the fallback.
-            return "native" if device.type == "cpu" and _native_runs_on_cpu() else "torch"
-        why = _triton_error(device)
-        if why is None:
-            return "triton"
-        warnings.warn(f"opsd_kernels: falling back to the PyTorch backend on {device}: {why}",
-                      stacklevel=3)
-        return "torch"
+        return _automatic(device, available, op, stacklevel)
     if choice == "triton":
         why = _triton_error(device)
         if why is not None:
@@ -82,6 +96,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if why is not None:
             raise RuntimeError(f"backend='native' cannot run: {why}")
     return choice
+
+
+def _automatic(device: torch.device, available: tuple[str, ...], op: str,
+               stacklevel: int) -> str:
+    if device.type in ("cpu", "meta"):
+        # On CPU the native row step is several times faster than the PyTorch one
+        # (bench/bench_native.py); without the extension, PyTorch is the fallback.
+        native = "native" in available and device.type == "cpu" and _native_runs_on_cpu()
+        return "native" if native else "torch"
+    if device.type != "cuda":
+        why = f"no kernel of this package runs on {device.type} devices"
+    elif "triton" not in available:
+        why = f"{op} has no Triton kernel"
+    else:
+        why = _triton_error(device)
+        if why is None:
+            return "triton"
+    warnings.warn(f"opsd_kernels: falling back to the PyTorch backend for {op} on {device}: "
+                  f"{why}", stacklevel=stacklevel + 1)  # + 1: this function's own frame
+    return "torch"
 
 
 def env_report() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Argument checks of the public losses: every error names the argument and what is wrong."""
+"""Argument checks of the public functions (losses, shared-prefix attention, the Hugging Face
+prefix forward): every error names the argument and what is wrong."""
 
 from __future__ import annotations
 
@@ -16,12 +17,55 @@ def check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def check_float_tensor(name: str, x: torch.Tensor, dims: tuple[int, ...]) -> None:
+def check_float_tensor(name: str, x: torch.Tensor, dims: tuple[int, ...],
+                       dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES,
+                       why: str = "; the float64 oracle lives in opsd_kernels.reference") -> None:
+    """A float tensor with one of `dims` dimensions and a dtype in `dtypes` (`why` follows the
+    list of supported dtypes in the error)."""
     check(isinstance(x, torch.Tensor), f"{name}: expected a tensor, got {type(x).__name__}")
     check(x.dim() in dims, f"{name}: expected {' or '.join(map(str, dims))} dims, got shape "
           f"{tuple(x.shape)}")
-    check(x.dtype in SUPPORTED_DTYPES, f"{name}: dtype {x.dtype} is not supported (float32, "
-          "bfloat16, float16; the float64 oracle lives in opsd_kernels.reference)")
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    check(x.dtype in dtypes, f"{name}: dtype {x.dtype} is not supported ({names}{why})")
+
+
+def check_index(name: str, x: object, shape: tuple[int, ...], device: torch.device,
+                owner: str, meaning: str = "") -> torch.Tensor:
+    """An integer tensor of `shape` on `device` (where `owner`, the argument or object that
+    fixes the device, lives), returned as contiguous int64. `meaning` says where the shape comes
+    from, for the error."""
+    check(isinstance(x, torch.Tensor), f"{name}: expected an integer tensor, got "
+          f"{type(x).__name__}")
+    check(not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool,
+          f"{name}: expected an integer tensor, got {x.dtype}")
+    check(tuple(x.shape) == tuple(shape), f"{name}: expected shape {tuple(shape)}"
+          f"{f' ({meaning})' if meaning else ''}, got {tuple(x.shape)}")
+    check(x.device == device, f"{name}: on {x.device}, but {owner} is on {device}")
+    return x.to(torch.int64).contiguous()
+
+
+def lengths_or_full(name: str, lengths: object, count: int, full: int, device: torch.device,
+                    owner: str, meaning: str = "") -> torch.Tensor:
+    """`lengths` checked by `check_index` as [count], or `full` for every entry when None. Their
+    range is the caller's check: it reads values (see `check_values`)."""
+    if lengths is None:
+        return torch.full((count,), full, dtype=torch.int64, device=device)
+    return check_index(name, lengths, (count,), device, owner, meaning)
+
+
+def check_values(ok: torch.Tensor, message: str) -> None:
+    """A data-dependent check that never reads to the host on an accelerator: there it is a
+    device-side assert (reported at the next synchronisation); on CPU it raises ValueError at
+    once. Skipped while torch.compile traces (it would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    if ok.device.type != "cpu":
+        torch._assert_async(ok.all(), message)
+        return
+    try:
+        torch._assert_async(ok.all(), message)  # on CPU it checks at once
+    except RuntimeError:
+        raise ValueError(message) from None
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

@@ -2,34 +2,31 @@
 
 The suffix rows of one group (the n rollouts of a problem, or teacher and student branches)
 attend to one copy of the group's prefix K/V, which is never repeated per row (Hydragen). Math,
-masks and the plain-PyTorch forms are in `opsd_kernels.reference.attention`; the Triton kernels
-in `opsd_kernels.ops.attention` (imported only when the Triton backend runs).
+masks and the float64 oracle are in `opsd_kernels.reference.attention`; the backends in
+`opsd_kernels.ops`: Triton kernels in `attention` (imported only when that backend runs), the
+PyTorch forms in `attention_torch`.
 
-Ladder: launchers (ops/) and the PyTorch form (reference/) -> allocating wrappers
-(`_forward`, `_backward`) -> `opsd::shared_prefix_attention` (returns (out, lse); autograd
-calls `opsd::shared_prefix_attention_backward`) -> `shared_prefix_attention`.
+Ladder: launchers (ops/) -> allocating wrappers (`_forward`, `_backward`) ->
+`opsd::shared_prefix_attention` (returns (out, lse); autograd calls
+`opsd::shared_prefix_attention_backward`) -> `shared_prefix_attention`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import torch
 from torch import Tensor
 
 from opsd_kernels import _validate as v
-from opsd_kernels._backend import resolve_backend, triton_status
-from opsd_kernels.reference.attention import (
-    fused_prefix_attention,
-    fused_prefix_attention_backward,
-    prefix_attention_backward,
-    prefix_attention_parts,
+from opsd_kernels._backend import resolve_backend
+from opsd_kernels.ops.attention_torch import (
+    shared_prefix_attention_bwd_torch,
+    shared_prefix_attention_fwd_torch,
 )
-from opsd_kernels.types import BACKENDS
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+KERNELS: tuple[str, ...] = ("triton", "torch")  # no native kernel
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", *KERNELS)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EMPTY = (0,)
 
@@ -41,12 +38,6 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- allocating wrappers --------------------------------------------------------------------------
 
 
-def _fused(device: torch.device) -> bool:
-    """The "torch" backend's form: the fused kernels on CPU, the masked chunked form elsewhere
-    (the fused CPU kernels read group ids on the host, which costs a sync on an accelerator)."""
-    return device.type == "cpu"
-
-
 def _forward(q, k, v_, pk, pv, gi, pl, sl, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         from opsd_kernels.ops.attention import shared_prefix_attention_fwd_triton_
@@ -55,12 +46,7 @@ def _forward(q, k, v_, pk, pv, gi, pl, sl, scale: float, backend: str) -> tuple[
         lse = q.new_empty(q.shape[:3], dtype=torch.float32)
         shared_prefix_attention_fwd_triton_(q, k, v_, pk, pv, gi, pl, sl, scale, out, lse)
         return out, lse
-    with torch.no_grad():
-        if _fused(q.device):
-            out, lse = fused_prefix_attention(q, k, v_, pk, pv, gi, pl, sl, scale=scale)
-        else:
-            out, lse = prefix_attention_parts(q, k, v_, pk, pv, gi, pl, sl, scale=scale)
-    return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+    return shared_prefix_attention_fwd_torch(q, k, v_, pk, pv, gi, pl, sl, scale)
 
 
 def _backward(grad_out, q, k, v_, pk, pv, gi, pl, sl, out, lse, scale: float, backend: str,
@@ -75,10 +61,8 @@ def _backward(grad_out, q, k, v_, pk, pv, gi, pl, sl, out, lse, scale: float, ba
             grad_out, q, k, v_, pk, pv, gi, pl, sl, out, lse, scale, dq, dk, dv,
             dpk if prefix_grad else None, dpv if prefix_grad else None)
         return dq, dk, dv, dpk, dpv
-    backward = fused_prefix_attention_backward if _fused(q.device) else prefix_attention_backward
-    with torch.no_grad():
-        dq, dk, dv, dpk, dpv = backward(grad_out, q, k, v_, pk, pv, gi, pl, sl, out, lse, scale,
-                                        prefix_grad)
+    dq, dk, dv, dpk, dpv = shared_prefix_attention_bwd_torch(
+        grad_out, q, k, v_, pk, pv, gi, pl, sl, out, lse, scale, prefix_grad)
     if not prefix_grad:
         dpk, dpv = pk.new_empty(_EMPTY), pv.new_empty(_EMPTY)
     return dq, dk, dv, dpk, dpv
@@ -154,68 +138,22 @@ shared_prefix_attention_op.register_autograd(_backward_attention, setup_context=
 # --- validation and the public function -----------------------------------------------------------
 
 
-def _check_values(ok: Tensor, message: str) -> None:
-    """A data-dependent check without a host read on accelerators; skipped under compile."""
-    if torch.compiler.is_compiling():
-        return
-    if ok.device.type != "cpu":
-        torch._assert_async(ok.all(), message)
-        return
-    try:
-        torch._assert_async(ok.all(), message)  # on CPU it checks at once
-    except RuntimeError:
-        raise ValueError(message) from None
-
-
-def _resolve(backend: str, device: torch.device) -> str:
-    """"auto" picks Triton on CUDA and PyTorch elsewhere; OPSD_BACKEND=triton / torch overrides
-    it. OPSD_BACKEND=native (or an automatic native choice for the loss kernels) does not apply:
-    there is no native attention kernel."""
-    v.check(backend in ATTENTION_BACKENDS, f"backend: expected one of {ATTENTION_BACKENDS}, got "
-            f"{backend!r} (shared-prefix attention has no native kernel)")
-    if backend == "auto":
-        env = os.environ.get("OPSD_BACKEND", "auto")
-        v.check(env in BACKENDS, f"backend: OPSD_BACKEND={env!r} is not one of {BACKENDS}")
-        backend = env if env in ATTENTION_BACKENDS else "auto"
-    if backend == "auto":
-        if device.type != "cuda":
-            return "torch"
-        why = triton_status()
-        if why is None:
-            return "triton"
-        warnings.warn(f"opsd_kernels: shared-prefix attention falls back to PyTorch on {device}: "
-                      f"{why}", stacklevel=4)
-        return "torch"
-    return resolve_backend(backend, device)  # explicit: raises if it cannot run here
-
-
 def _check_float(name: str, x: Tensor, backend: str) -> None:
-    v.check(isinstance(x, Tensor), f"{name}: expected a tensor, got {type(x).__name__}")
-    v.check(x.dim() == 4, f"{name}: expected 4 dims, got shape {tuple(x.shape)}")
-    allowed = _FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
-    v.check(x.dtype in allowed, f"{name}: dtype {x.dtype} is not supported by backend "
-            f"{backend!r} (float32, bfloat16, float16{', float64' if backend == 'torch' else ''})")
+    if backend == "torch":
+        v.check_float_tensor(name, x, (4,), _FLOAT_DTYPES + (torch.float64,), why="")
+    else:
+        v.check_float_tensor(name, x, (4,), _FLOAT_DTYPES, why=f"; backend {backend!r}, "
+                             "float64 needs backend='torch'")
 
 
-def _lengths(name: str, lengths: Tensor | None, count: int, what: str, limit: int,
-             limit_name: str, device: torch.device) -> Tensor:
+def _lengths(name: str, lengths: Tensor | None, count: int, limit: int, device: torch.device,
+             meaning: str, limit_name: str) -> Tensor:
     """The real lengths (all `limit` when None), checked to lie in [1, limit]."""
-    if lengths is None:
-        return torch.full((count,), limit, dtype=torch.int64, device=device)
-    checked = _check_index(name, lengths, count, what, device)
-    _check_values((checked >= 1) & (checked <= limit),
-                  f"{name}: values must be in [1, {limit}] ({limit_name})")
+    checked = v.lengths_or_full(name, lengths, count, limit, device, "query", meaning)
+    if lengths is not None:
+        v.check_values((checked >= 1) & (checked <= limit),
+                       f"{name}: values must be in [1, {limit}] ({limit_name})")
     return checked
-
-
-def _check_index(name: str, x: Tensor, size: int, size_name: str, device: torch.device) -> Tensor:
-    v.check(isinstance(x, Tensor), f"{name}: expected a tensor, got {type(x).__name__}")
-    v.check(not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool,
-            f"{name}: expected an integer tensor, got {x.dtype}")
-    v.check(x.shape == (size,), f"{name}: expected shape ({size},) ({size_name}), got "
-            f"{tuple(x.shape)}")
-    v.check(x.device == device, f"{name}: on {x.device}, but query is on {device}")
-    return x.to(torch.int64).contiguous()
 
 
 def _validate(query, key, value, prefix_key, prefix_value, group_index, prefix_lengths,
@@ -226,7 +164,8 @@ def _validate(query, key, value, prefix_key, prefix_value, group_index, prefix_l
     device = query.device
     v.check_same_device(query=query, key=key, value=value, prefix_key=prefix_key,
                         prefix_value=prefix_value)
-    backend = _resolve(backend, device)
+    # stacklevel 4: a fallback warning names the caller of shared_prefix_attention.
+    backend = resolve_backend(backend, device, KERNELS, "shared-prefix attention", stacklevel=4)
     for name, x in (("query", query), ("key", key), ("value", value),
                     ("prefix_key", prefix_key), ("prefix_value", prefix_value)):
         _check_float(name, x, backend)
@@ -248,17 +187,22 @@ def _validate(query, key, value, prefix_key, prefix_value, group_index, prefix_l
     v.check(tuple(prefix_value.shape) == tuple(prefix_key.shape), f"prefix_value: expected "
             f"shape {tuple(prefix_key.shape)} (prefix_key's), got {tuple(prefix_value.shape)}")
     if backend == "triton":
-        from opsd_kernels.ops.attention import MAX_HEAD_DIM
+        from opsd_kernels.ops.attention import MAX_GRID_ROWS, MAX_HEAD_DIM
 
         v.check(d <= MAX_HEAD_DIM, f"query: head dim {d} exceeds the Triton kernels' "
                 f"{MAX_HEAD_DIM}; use backend='torch'")
-    gi = _check_index("group_index", group_index, b, "B, one per suffix row", device)
-    _check_values((gi >= 0) & (gi < g), f"group_index: values must be in [0, {g}) (G = "
-                  "prefix_key.shape[0])")
-    pl = _lengths("prefix_lengths", prefix_lengths, g, "G, one per prefix", p,
-                  "P = prefix_key.shape[2]", device)
-    sl = _lengths("suffix_lengths", suffix_lengths, b, "B, one per suffix row", r,
-                  "R = query.shape[2]", device)
+        v.check(b <= MAX_GRID_ROWS, f"query: {b} suffix rows exceed the Triton kernels' "
+                f"{MAX_GRID_ROWS} (a CUDA grid dimension); split the batch")
+        v.check(g <= MAX_GRID_ROWS, f"prefix_key: {g} groups exceed the Triton kernels' "
+                f"{MAX_GRID_ROWS} (a CUDA grid dimension); split the batch")
+    gi = v.check_index("group_index", group_index, (b,), device, "query",
+                       "B, one per suffix row")
+    v.check_values((gi >= 0) & (gi < g), f"group_index: values must be in [0, {g}) (G = "
+                   "prefix_key.shape[0])")
+    pl = _lengths("prefix_lengths", prefix_lengths, g, p, device, "G, one per prefix",
+                  "P = prefix_key.shape[2]")
+    sl = _lengths("suffix_lengths", suffix_lengths, b, r, device, "B, one per suffix row",
+                  "R = query.shape[2]")
     if scale is None:
         scale = d**-0.5
     v.check(isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0,
@@ -296,8 +240,11 @@ def shared_prefix_attention(
         suffix_lengths: int [B], real suffix lengths in [1, R]; None means all R. Queries at or
             past a row's length are padding: their output is 0 and they get no gradient.
         scale: softmax scale; default D ** -0.5.
-        backend: "auto" (Triton on CUDA, PyTorch on CPU; OPSD_BACKEND overrides), "triton" or
-            "torch". float64 inputs need "torch".
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere; OPSD_BACKEND=triton / torch
+            overrides it, see `opsd_kernels._backend.resolve_backend`), "triton" or "torch".
+            float64 inputs need "torch". On CPU "torch" runs torch's fused CPU attention
+            kernels per group, on other devices a masked form in chunks of rows
+            (`opsd_kernels.ops.attention_torch`).
 
     Returns:
         out [B, Hq, R, D] in the input dtype, differentiable w.r.t. query, key, value,

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opsd_kernels import _validate as v
+
 ATTENTION_NAME = "opsd_shared_prefix"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _CALL_KWARG = "opsd_prefix_call"  # the keyword argument that carries a _Call to _attention
@@ -214,30 +216,50 @@ def _run(model: nn.Module, decoder: nn.Module, ids: torch.Tensor, positions: tor
 # --- checks ----------------------------------------------------------------------------------
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
+def check_prefix_model(model: nn.Module, max_length: int | None = None) -> None:
+    """Raise unless the shared-prefix forward can run `model` on sequences (prefix + suffix) of
+    up to `max_length` tokens: a supported Hugging Face decoder whose sliding window, if any,
+    is no shorter than max_length (where it has no effect) and whose max_position_embeddings
+    covers it.
+
+    Raises:
+        NotImplementedError: an unsupported model type, or a sliding window shorter than
+            max_length (features the shared-prefix forward lacks).
+        ValueError: no decoder found, or max_length beyond max_position_embeddings.
+    """
+    _decoder(model)
+    if max_length is not None:
+        v.check(isinstance(max_length, int) and max_length >= 1, f"max_length: must be a "
+                f"positive integer, got {max_length!r}")
+        _check_total_length(model.config, max_length, "max_length")
 
 
-def _check_model(model: nn.Module) -> nn.Module:
+def _decoder(model: nn.Module) -> nn.Module:
     """The decoder (the module with .layers and the final norm) of a supported model."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
             f"model: model_type {model_type!r} is not supported by the shared-prefix forward "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    _check(hasattr(decoder, "layers") and hasattr(decoder, "set_attn_implementation"),
-           f"model: no Hugging Face decoder found in {type(model).__name__}")
+    v.check(hasattr(decoder, "layers") and hasattr(decoder, "set_attn_implementation"),
+            f"model: no Hugging Face decoder found in {type(model).__name__}")
+    return decoder
+
+
+def _check_model(model: nn.Module) -> nn.Module:
+    """`check_prefix_model` and what depends on the call's state (training, grad mode); the
+    decoder."""
+    decoder = _decoder(model)
+    config = model.config
     if model.training and getattr(config, "attention_dropout", 0.0):
         raise NotImplementedError("model: attention dropout is not supported by the "
                                   "shared-prefix forward; set config.attention_dropout = 0.0")
     if torch.is_grad_enabled():
         for module in model.modules():
             if getattr(module, "gradient_checkpointing", False) and module.training:
-                _check(not _uses_reentrant(getattr(module, "_gradient_checkpointing_func", None)),
-                       _REENTRANT)
+                v.check(not _uses_reentrant(getattr(module, "_gradient_checkpointing_func",
+                                                    None)), _REENTRANT)
     _register()
     return decoder
 
@@ -254,8 +276,8 @@ def _sliding_window(config: Any) -> int | None:
 
 def _check_total_length(config: Any, longest: int, what: str) -> None:
     limit = config.max_position_embeddings
-    _check(longest <= limit, f"{what}: {longest} tokens in one sequence exceed the model's "
-           f"max_position_embeddings {limit}")
+    v.check(longest <= limit, f"{what}: {longest} tokens in one sequence exceed the model's "
+            f"max_position_embeddings {limit}")
     window = _sliding_window(config)
     if window is not None and longest > window:
         raise NotImplementedError(
@@ -269,55 +291,47 @@ def _device(decoder: nn.Module) -> torch.device:
 
 
 def _check_ids(name: str, ids: Any, device: torch.device, rows: int | None = None) -> None:
-    _check(isinstance(ids, torch.Tensor), f"{name}: expected a tensor of token ids, got "
-           f"{type(ids).__name__}")
-    _check(ids.dim() == 2, f"{name}: expected shape [rows, tokens] (right-padded), got "
-           f"{tuple(ids.shape)}")
-    _check(not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool,
-           f"{name}: expected integer token ids, got {ids.dtype}")
-    _check(ids.shape[0] > 0 and ids.shape[1] > 0, f"{name}: empty (shape {tuple(ids.shape)}); "
-           "every prefix and suffix needs at least one token")
+    v.check(isinstance(ids, torch.Tensor), f"{name}: expected a tensor of token ids, got "
+            f"{type(ids).__name__}")
+    v.check(ids.dim() == 2, f"{name}: expected shape [rows, tokens] (right-padded), got "
+            f"{tuple(ids.shape)}")
+    v.check(not ids.is_floating_point() and not ids.is_complex() and ids.dtype != torch.bool,
+            f"{name}: expected integer token ids, got {ids.dtype}")
+    v.check(ids.shape[0] > 0 and ids.shape[1] > 0, f"{name}: empty (shape "
+            f"{tuple(ids.shape)}); every prefix and suffix needs at least one token")
     if rows is not None:
-        _check(ids.shape[0] == rows, f"{name}: expected {rows} rows (one per prefix group), got "
-               f"{ids.shape[0]}")
-    _check(ids.device == device, f"{name}: on {ids.device}, the model is on {device}")
-
-
-def _check_index(name: str, x: Any, shape: tuple[int, ...], device: torch.device) -> None:
-    _check(isinstance(x, torch.Tensor), f"{name}: expected an int64 tensor, got "
-           f"{type(x).__name__}")
-    _check(x.dtype == torch.int64, f"{name}: expected dtype int64, got {x.dtype}")
-    _check(tuple(x.shape) == shape, f"{name}: expected shape {list(shape)}, got "
-           f"{list(x.shape)}")
-    _check(x.device == device, f"{name}: on {x.device}, the model is on {device}")
+        v.check(ids.shape[0] == rows, f"{name}: expected {rows} rows (one per prefix group), "
+                f"got {ids.shape[0]}")
+    v.check(ids.device == device, f"{name}: on {ids.device}, the model is on {device}")
 
 
 def _lengths(name: str, lengths: Any, ids: torch.Tensor,
              pad_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Lengths of checked shape (default: the full width) and, when given, the values their
-    checks need ([min, max, rows that look left-padded]), still on the device: a call reads all
-    of its values at once (`_read`) and then runs `_check_lengths`."""
+    """Lengths of checked shape as int64 (default: the full width) and, when given, the values
+    their checks need ([min, max, rows that look left-padded]), still on the device: a call
+    reads all of its values at once (`_read`) and then runs `_check_lengths`."""
     rows, width = ids.shape
+    checked = v.lengths_or_full(name, lengths, rows, width, ids.device, "the model",
+                                "one per row of the ids")
     if lengths is None:
-        return torch.full((rows,), width, dtype=torch.int64, device=ids.device), None
-    _check_index(name, lengths, (rows,), ids.device)
+        return checked, None
     left = torch.zeros((), dtype=torch.int64, device=ids.device)
     if pad_token_id is not None:
-        left = ((ids[:, 0] == pad_token_id) & (lengths < width)).sum()
-    return lengths, torch.stack([lengths.min(), lengths.max(), left])
+        left = ((ids[:, 0] == pad_token_id) & (checked < width)).sum()
+    return checked, torch.stack([checked.min(), checked.max(), left])
 
 
 def _read(*values: torch.Tensor | None) -> list[list[int] | None]:
     """The values of a call's data checks, read to the host in one transfer (one sync)."""
-    present = [v.reshape(-1) for v in values if v is not None]
+    present = [x.reshape(-1) for x in values if x is not None]
     flat = torch.cat(present).tolist() if present else []
     out: list[list[int] | None] = []
-    for v in values:
-        if v is None:
+    for x in values:
+        if x is None:
             out.append(None)
         else:
-            out.append(flat[:v.numel()])
-            flat = flat[v.numel():]
+            out.append(flat[:x.numel()])
+            flat = flat[x.numel():]
     return out
 
 
@@ -328,26 +342,26 @@ def _check_lengths(name: str, stats: list[int] | None, ids_name: str, ids: torch
     if stats is None:
         return width
     lo, hi, n_left = stats
-    _check(lo >= 1, f"{name}: every length must be >= 1 (empty rows are not supported), got "
-           f"{lo}")
-    _check(hi <= width, f"{name}: length {hi} exceeds the padded width {width} of {ids_name}")
-    _check(n_left == 0, f"{ids_name}: {n_left} row(s) start with pad_token_id {pad_token_id} "
-           "and are shorter than the padded width, which looks like left padding; pad on the "
-           "right (real tokens first) and pass the real lengths")
+    v.check(lo >= 1, f"{name}: every length must be >= 1 (empty rows are not supported), got "
+            f"{lo}")
+    v.check(hi <= width, f"{name}: length {hi} exceeds the padded width {width} of {ids_name}")
+    v.check(n_left == 0, f"{ids_name}: {n_left} row(s) start with pad_token_id {pad_token_id} "
+            "and are shorter than the padded width, which looks like left padding; pad on the "
+            "right (real tokens first) and pass the real lengths")
     return hi
 
 
 def _check_state(state: Any, config: Any, device: torch.device) -> None:
-    _check(isinstance(state, PrefixState), f"state: expected a PrefixState, got "
-           f"{type(state).__name__}")
+    v.check(isinstance(state, PrefixState), f"state: expected a PrefixState, got "
+            f"{type(state).__name__}")
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads)
     k = state.keys[0] if state.keys else None
-    _check(len(state.keys) == len(state.values) == config.num_hidden_layers and k is not None
-           and k.shape[1] == config.num_key_value_heads and k.shape[3] == head_dim,
-           "state: its keys / values do not fit this model (layers, key-value heads or head "
-           "dim differ); it must come from the same model (and the same weights)")
-    _check(k.device == device, f"state: on {k.device}, the model is on {device}")
+    v.check(len(state.keys) == len(state.values) == config.num_hidden_layers and k is not None
+            and k.shape[1] == config.num_key_value_heads and k.shape[3] == head_dim,
+            "state: its keys / values do not fit this model (layers, key-value heads or head "
+            "dim differ); it must come from the same model (and the same weights)")
+    v.check(k.device == device, f"state: on {k.device}, the model is on {device}")
 
 
 def _clamped_positions(start: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -371,7 +385,7 @@ def prefix_forward(model: nn.Module, prefix_ids: torch.Tensor,
     Args:
         model: a Hugging Face Llama / Qwen2 / Qwen3 / Mistral model (*ForCausalLM or base).
         prefix_ids: [G, P] token ids, right-padded.
-        prefix_lengths: [G] int64 real lengths in [1, P]; None means all P.
+        prefix_lengths: [G] integer real lengths in [1, P]; None means all P.
 
     Returns:
         The `PrefixState`; computed with grad when grad is enabled.
@@ -409,25 +423,27 @@ def _suffix_pass(model: nn.Module, decoder: nn.Module, state: PrefixState, ids: 
 
 def _suffix_values(config: Any, device: torch.device, prefix_lengths: torch.Tensor,
                    suffix_ids: Any, group_index: Any, suffix_lengths: Any
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Shape checks of the suffix arguments; (suffix lengths, the values of their checks,
-    [min group, max group, longest prefix + suffix]) for `_check_suffix`."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Shape checks of the suffix arguments; (suffix lengths, group_index as int64, the values
+    of the lengths' checks, [min group, max group, longest prefix + suffix]) for
+    `_check_suffix`."""
     _check_ids("suffix_ids", suffix_ids, device)
-    _check_index("group_index", group_index, (suffix_ids.shape[0],), device)
+    group_index = v.check_index("group_index", group_index, (suffix_ids.shape[0],), device,
+                                "the model", "one per row of suffix_ids")
     lengths, stats = _lengths("suffix_lengths", suffix_lengths, suffix_ids, config.pad_token_id)
     # Clamped so that an out-of-range group reaches its own check instead of an index error.
     safe = group_index.clamp(0, prefix_lengths.shape[0] - 1)
     groups = torch.stack([group_index.min(), group_index.max(),
                           (prefix_lengths[safe] + lengths).max()])
-    return lengths, stats, groups
+    return lengths, group_index, stats, groups
 
 
 def _check_suffix(config: Any, groups: int, suffix_ids: torch.Tensor,
                   stats: list[int] | None, group_values: list[int]) -> None:
     _check_lengths("suffix_lengths", stats, "suffix_ids", suffix_ids, config.pad_token_id)
     lo, hi, longest = group_values
-    _check(0 <= lo and hi < groups, f"group_index: values must lie in [0, {groups}) (one per "
-           f"prefix group), got range [{lo}, {hi}]")
+    v.check(0 <= lo and hi < groups, f"group_index: values must lie in [0, {groups}) (one per "
+            f"prefix group), got range [{lo}, {hi}]")
     _check_total_length(config, longest, "prefix_lengths + suffix_lengths")
 
 
@@ -448,9 +464,9 @@ def shared_prefix_forward(model: nn.Module, prefix_ids: torch.Tensor | PrefixSta
         prefix_ids: [G, P] token ids, right-padded; or a `PrefixState` from an earlier call,
             `prefix_forward` or `extend_prefix` (then prefix_lengths must be None).
         suffix_ids: [B, R] token ids, right-padded.
-        group_index: [B] int64 in [0, G): the prefix of each suffix row.
-        prefix_lengths: [G] int64 in [1, P]; None means all P.
-        suffix_lengths: [B] int64 in [1, R]; None means all R.
+        group_index: [B] integer in [0, G): the prefix of each suffix row.
+        prefix_lengths: [G] integer in [1, P]; None means all P.
+        suffix_lengths: [B] integer in [1, R]; None means all R.
 
     Returns:
         `SharedPrefixOutput` with hidden_states [B, R, H] (padded positions hold junk),
@@ -459,8 +475,8 @@ def shared_prefix_forward(model: nn.Module, prefix_ids: torch.Tensor | PrefixSta
     decoder = _check_model(model)
     config, device = model.config, _device(decoder)
     if isinstance(prefix_ids, PrefixState):
-        _check(prefix_lengths is None, "prefix_lengths: must be None when prefix_ids is a "
-               "PrefixState (it carries its own lengths)")
+        v.check(prefix_lengths is None, "prefix_lengths: must be None when prefix_ids is a "
+                "PrefixState (it carries its own lengths)")
         state = prefix_ids
         _check_state(state, config, device)
         lengths, prefix_stats = state.lengths, None
@@ -469,7 +485,7 @@ def shared_prefix_forward(model: nn.Module, prefix_ids: torch.Tensor | PrefixSta
         lengths, prefix_stats = _lengths("prefix_lengths", prefix_lengths, prefix_ids,
                                          config.pad_token_id)
         state = None
-    suffix_lengths, suffix_stats, group_values = _suffix_values(
+    suffix_lengths, group_index, suffix_stats, group_values = _suffix_values(
         config, device, lengths, suffix_ids, group_index, suffix_lengths)
     prefix_stats, suffix_stats, group_values = _read(prefix_stats, suffix_stats, group_values)
     if state is None:
@@ -508,7 +524,7 @@ def extend_prefix(model: nn.Module, state: PrefixState, extra_ids: torch.Tensor,
         model: the model `state` was computed with (same weights).
         state: the base `PrefixState` ([G] groups).
         extra_ids: [G, E] token ids, right-padded, one row per group.
-        extra_lengths: [G] int64 in [1, E]; None means all E.
+        extra_lengths: [G] integer in [1, E]; None means all E.
         detach_base: read the base keys / values detached (no gradient reaches the pass that
             computed them), as for a teacher that reuses the student's prefix.
 
@@ -522,7 +538,7 @@ def extend_prefix(model: nn.Module, state: PrefixState, extra_ids: torch.Tensor,
     groups = state.num_groups
     _check_ids("extra_ids", extra_ids, device, rows=groups)
     lengths, stats = _lengths("extra_lengths", extra_lengths, extra_ids, config.pad_token_id)
-    _check(isinstance(detach_base, bool), f"detach_base: expected a bool, got {detach_base!r}")
+    v.check(isinstance(detach_base, bool), f"detach_base: expected a bool, got {detach_base!r}")
     stats, (longest,) = _read(stats, (state.lengths + lengths).max())
     _check_lengths("extra_lengths", stats, "extra_ids", extra_ids, config.pad_token_id)
     _check_total_length(config, longest, "state.lengths + extra_lengths")

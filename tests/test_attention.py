@@ -1,11 +1,8 @@
-"""Shared-prefix attention (`opsd_kernels.attention`) on both backends against the float64 oracle
-`naive_prefix_attention`, which concatenates [prefix of the row's group; suffix] per row.
-
-Every test draws fresh random inputs (a seed per test), rounds them to the test dtype once, and
-checks the output and all five gradients: fp32 within `TOL`, bf16 / fp16 by the flash-attention
-rule against plain PyTorch in that dtype. The Triton kernels run under the interpreter on CPU, so
-sizes stay tiny: odd lengths (R = 7, P = 5), D not a power of two, GQA and MQA, ragged prefix and
-suffix lengths, groups of 1 and 3 rows and a group without rows.
+"""Shared-prefix attention (`opsd_kernels.attention`): the public function and the registered
+ops, on both backends, against the float64 oracle `naive_prefix_attention` (inputs and
+comparisons: attention_cases.py); padding, empty groups, determinism, opcheck, torch.compile,
+argument checks and backend choice. The PyTorch forms alone: test_attention_torch.py; the Triton
+launchers alone: test_attention_triton.py.
 """
 
 from __future__ import annotations
@@ -14,237 +11,36 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    DEVICE,
-    HAS_TRITON,
-    LOW_PRECISION,
-    assert_close,
-    assert_fa_rule,
-    generator,
-    randn,
-    requires_triton,
+from attention_cases import (
+    BACKENDS,
+    CASES,
+    FORMS,
+    NAMES,
+    Case,
+    compare,
+    leaves_of,
+    make_inputs,
+    oracle,
+    ours,
+    plain,
+    use_form,
 )
+from conftest import HAS_TRITON, LOW_PRECISION, assert_close, generator
 
-import opsd_kernels.attention as attention_module
 from opsd_kernels.attention import (
     shared_prefix_attention,
     shared_prefix_attention_backward_op,
     shared_prefix_attention_op,
 )
-from opsd_kernels.reference.attention import (
-    fused_prefix_attention,
-    fused_prefix_attention_backward,
-    naive_prefix_attention,
-    prefix_attention_backward,
-    prefix_attention_parts,
-    sdpa_prefix_attention,
-)
+from opsd_kernels.reference.attention import naive_prefix_attention
 
-# The attention op has a PyTorch and a Triton backend (no native kernel).
-BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("query", "key", "value", "prefix_key", "prefix_value")
 # The interpreter evaluates exp2 on lanes that tl.where then discards.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-
-@dataclass(frozen=True)
-class Case:
-    b: int
-    hq: int
-    hkv: int
-    r: int
-    p: int
-    d: int
-    group_index: tuple[int, ...]
-    groups: int
-    prefix_lengths: tuple[int, ...] | None = None
-    suffix_lengths: tuple[int, ...] | None = None
-    strided: bool = False  # q / k / v as [B, R, H, D] tensors viewed as [B, H, R, D]
-
-
-CASES = {
-    # Group 2 has 3 rows, group 0 one, group 1 none; ragged prefixes and suffixes (one of
-    # length 1); GQA 4 / 2.
-    "gqa_ragged": Case(4, 4, 2, 7, 5, 16, (2, 0, 2, 2), 3, (5, 3, 2), (7, 1, 4, 6)),
-    # MQA, D not a power of two, prefix longer than one tile, strided inputs.
-    "mqa_d24_strided": Case(3, 4, 1, 9, 21, 24, (1, 0, 1), 2, (21, 13), (9, 9, 3), True),
-    # D = 64, no lengths (all full), one group of 2 rows stacked, several suffix tiles.
-    "d64_full": Case(2, 2, 2, 18, 6, 64, (0, 0), 1),
-    # D = 32, every row its own group, one prefix of length 1.
-    "d32_one_row_per_group": Case(3, 2, 1, 5, 4, 32, (2, 1, 0), 3, (1, 4, 3), (5, 2, 4)),
-}
-
-
-@dataclass
-class Inputs:
-    tensors: dict[str, torch.Tensor]  # float64, rounded to dtype
-    group_index: torch.Tensor
-    prefix_lengths: torch.Tensor | None
-    suffix_lengths: torch.Tensor | None
-    grad_out: torch.Tensor  # float64, random on padded rows too (they must be ignored)
-    dtype: torch.dtype
-    case: Case
-
-
-def make_inputs(seed: int, case: Case, dtype: torch.dtype = torch.float32) -> Inputs:
-    gen = generator(seed)
-
-    def q(x: torch.Tensor) -> torch.Tensor:
-        return x.to(dtype).to(torch.float64).to(DEVICE)
-
-    c = case
-    shapes = {"query": (c.b, c.hq, c.r, c.d), "key": (c.b, c.hkv, c.r, c.d),
-              "value": (c.b, c.hkv, c.r, c.d), "prefix_key": (c.groups, c.hkv, c.p, c.d),
-              "prefix_value": (c.groups, c.hkv, c.p, c.d)}
-    tensors = {k: q(randn(gen, *s, scale=1.5 if k.endswith("key") else 1.0))
-               for k, s in shapes.items()}
-
-    def ints(x):
-        return None if x is None else torch.tensor(x, dtype=torch.int64, device=DEVICE)
-
-    return Inputs(tensors, ints(c.group_index), ints(c.prefix_lengths), ints(c.suffix_lengths),
-                  randn(gen, c.b, c.hq, c.r, c.d).to(DEVICE), dtype, case)
-
-
-def _leaves(inp: Inputs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, x in inp.tensors.items():
-        if inp.case.strided and name in ("query", "key", "value"):
-            # A [B, R, H, D] tensor seen as [B, H, R, D], as Hugging Face hands them over.
-            x = x.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
-            assert not x.is_contiguous() or x.shape[1] == 1
-            out[name] = x.detach().requires_grad_()
-        else:
-            out[name] = x.detach().to(dtype, copy=True).requires_grad_()
-    return out
-
-
-def run(fn, inp: Inputs, dtype: torch.dtype, **kwargs) -> tuple[torch.Tensor, list]:
-    leaves = _leaves(inp, dtype)
-    out = fn(*leaves.values(), inp.group_index, inp.prefix_lengths, inp.suffix_lengths,
-             **kwargs)
-    grads = torch.autograd.grad(out, list(leaves.values()), inp.grad_out.to(out.dtype))
-    return out.detach(), list(grads)
-
-
-def oracle(inp: Inputs) -> tuple[torch.Tensor, list]:
-    return run(naive_prefix_attention, inp, torch.float64)
-
-
-def plain(inp: Inputs) -> tuple[torch.Tensor, list]:
-    """Plain PyTorch in the test dtype (scores and values in dtype, softmax in fp32)."""
-    return run(naive_prefix_attention, inp, inp.dtype, upcast=False)
-
-
-def ours(inp: Inputs, backend: str) -> tuple[torch.Tensor, list]:
-    return run(shared_prefix_attention, inp, inp.dtype, backend=backend)
-
-
-def _compare(got, want, dtype, baseline=None) -> None:
-    (out, grads), (ref_out, ref_grads) = got, want
-    assert out.dtype == dtype
-    pairs = [("out", out, ref_out, False)] + [
-        (f"grad of {n}", g, rg, True) for n, g, rg in zip(NAMES, grads, ref_grads, strict=True)]
-    for i, (what, mine, expected, backward) in enumerate(pairs):
-        assert mine.dtype == dtype, f"{what}: dtype {mine.dtype}"
-        assert mine.shape == expected.shape, f"{what}: shape {mine.shape}"
-        if baseline is not None:
-            base = baseline[0] if i == 0 else baseline[1][i - 1]
-            assert_fa_rule(mine, base, expected, backward=backward, what=what)
-        if dtype == torch.float64:  # the other oracles: float64 rounding only
-            torch.testing.assert_close(mine, expected, msg=lambda m, w=what: f"{w}: {m}")
-        else:
-            assert_close(mine, expected, dtype, what=what)
-
-
-# --- the oracles agree with each other --------------------------------------------------------
-
-
-@pytest.mark.parametrize("case_name", list(CASES))
-def test_two_part_reference_and_sdpa_match_naive(seed: int, case_name: str) -> None:
-    inp = make_inputs(seed, CASES[case_name], torch.float64)
-    want = oracle(inp)
-    _compare(run(lambda *a: prefix_attention_parts(*a)[0], inp, torch.float64), want,
-             torch.float64)
-    _compare(run(sdpa_prefix_attention, inp, torch.float64), want, torch.float64)
-    _compare(run(lambda *a: prefix_attention_parts(*a, chunk_size=1)[0], inp, torch.float64),
-             want, torch.float64)
-    leaves = _leaves(inp, torch.float64)
-    args = (*leaves.values(), inp.group_index, inp.prefix_lengths, inp.suffix_lengths)
-    _, lse_naive = naive_prefix_attention(*args, return_lse=True)
-    torch.testing.assert_close(prefix_attention_parts(*args)[1], lse_naive)
-
-
-@pytest.mark.parametrize("chunk_size", [1, 2, None])
-def test_analytic_backward_matches_autograd(seed: int, chunk_size: int | None) -> None:
-    """`prefix_attention_backward` (the torch backend's backward off CPU) against autograd
-    through the two-part form, for any chunking of the rows."""
-    case = CASES["gqa_ragged"]
-    inp = make_inputs(seed, case, torch.float64)
-    want_out, want = run(lambda *a: prefix_attention_parts(*a)[0], inp, torch.float64)
-    x = [t.detach() for t in _leaves(inp, torch.float64).values()]
-    ints = (inp.group_index, torch.tensor(case.prefix_lengths),
-            torch.tensor(case.suffix_lengths))
-    out, lse = prefix_attention_parts(*x, *ints, chunk_size=chunk_size)
-    torch.testing.assert_close(out, want_out)
-    got = prefix_attention_backward(inp.grad_out, *x, *ints, out, lse, case.d**-0.5,
-                                    chunk_size=chunk_size)
-    for name, a, b in zip(NAMES, got, want, strict=True):
-        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"grad of {n}: {m}")
-
-
-@pytest.mark.parametrize("case_name", list(CASES))
-def test_fused_form_matches_autograd(seed: int, case_name: str) -> None:
-    """`fused_prefix_attention` and its backward (the torch backend on CPU) in float64 against
-    the oracle's output, lse and autograd gradients: groups whose rows are consecutive (a
-    slice) and scattered (a gather), GQA / MQA, strided inputs, ragged lengths."""
-    case = CASES[case_name]
-    inp = make_inputs(seed, case, torch.float64)
-    want_out, want = oracle(inp)
-    leaves = _leaves(inp, torch.float64)
-    x = [t.detach() for t in leaves.values()]
-    ints = (inp.group_index, inp.prefix_lengths, inp.suffix_lengths)
-    _, want_lse = naive_prefix_attention(*x, *ints, return_lse=True)
-    out, lse = fused_prefix_attention(*x, *ints)
-    torch.testing.assert_close(out, want_out)
-    torch.testing.assert_close(lse, want_lse)
-    b, r, g, p = case.b, case.r, case.groups, case.p
-    full = torch.full((b,), r), torch.full((g,), p)
-    sl = inp.suffix_lengths if inp.suffix_lengths is not None else full[0]
-    pl = inp.prefix_lengths if inp.prefix_lengths is not None else full[1]
-    got = fused_prefix_attention_backward(inp.grad_out, *x, inp.group_index, pl, sl, out, lse,
-                                          case.d**-0.5)
-    for name, a, w in zip(NAMES, got, want, strict=True):
-        assert a.is_contiguous(), f"grad of {name}: not contiguous"
-        torch.testing.assert_close(a, w, msg=lambda m, n=name: f"grad of {n}: {m}")
-    no_prefix = fused_prefix_attention_backward(inp.grad_out, *x, inp.group_index, pl, sl, out,
-                                                lse, case.d**-0.5, prefix_grad=False)
-    assert no_prefix[3] is None and no_prefix[4] is None
-    for a, w in zip(no_prefix[:3], got[:3], strict=True):
-        assert torch.equal(a, w)
-
-
-@pytest.mark.parametrize("dtype", (torch.float32, *LOW_PRECISION), ids=str)
-@pytest.mark.parametrize("case_name", list(CASES))
-def test_masked_form_through_the_op(monkeypatch, seed: int, case_name: str,
-                                    dtype: torch.dtype) -> None:
-    """The masked chunked form, which the torch backend runs off CPU, through the op on CPU
-    against the float64 oracle (fp32 within tolerance, 16-bit by the flash-attention rule)."""
-    monkeypatch.setattr(attention_module, "_fused", lambda device: False)
-    inp = make_inputs(seed, CASES[case_name], dtype)
-    baseline = None if dtype == torch.float32 else plain(inp)
-    _compare(ours(inp, "torch"), oracle(inp), dtype, baseline=baseline)
-
-
-def test_cpu_runs_the_fused_form() -> None:
-    assert attention_module._fused(torch.device("cpu"))
-    assert not attention_module._fused(torch.device("meta"))
 
 
 # --- both backends against the float64 oracle ---------------------------------------------------
@@ -254,21 +50,21 @@ def test_cpu_runs_the_fused_form() -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_oracle_fp32(seed: int, backend: str, case_name: str) -> None:
     inp = make_inputs(seed, CASES[case_name])
-    _compare(ours(inp, backend), oracle(inp), torch.float32)
+    compare(ours(inp, backend), oracle(inp), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_precision_flash_attention_rule(seed: int, backend: str, dtype: torch.dtype) -> None:
     inp = make_inputs(seed, CASES["gqa_ragged"], dtype)
-    _compare(ours(inp, backend), oracle(inp), dtype, baseline=plain(inp))
+    compare(ours(inp, backend), oracle(inp), dtype, baseline=plain(inp))
 
 
 def test_float64_gradcheck_torch_backend(seed: int) -> None:
     """The analytic backward of the torch backend, by finite differences."""
     case = Case(2, 2, 1, 3, 3, 4, (1, 1), 2, (2, 3), (3, 2))
     inp = make_inputs(seed, case, torch.float64)
-    leaves = list(_leaves(inp, torch.float64).values())
+    leaves = list(leaves_of(inp, torch.float64).values())
 
     def fn(*xs):
         return shared_prefix_attention(*xs, inp.group_index, inp.prefix_lengths,
@@ -280,7 +76,7 @@ def test_float64_gradcheck_torch_backend(seed: int) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lse_output(seed: int, backend: str) -> None:
     inp = make_inputs(seed, CASES["gqa_ragged"])
-    leaves = _leaves(inp, torch.float64)
+    leaves = leaves_of(inp, torch.float64)
     args64 = (*leaves.values(), inp.group_index, inp.prefix_lengths, inp.suffix_lengths)
     _, want = naive_prefix_attention(*args64, return_lse=True)
     args = [x.detach().float() for x in leaves.values()]
@@ -331,14 +127,11 @@ def test_padding_is_exactly_zero(seed: int, backend: str, garbage: float) -> Non
         assert torch.equal(g_got, g_want), f"grad of {name}"
 
 
-@pytest.mark.parametrize("form", ["torch-fused", "torch-masked"]
-                         + (["triton"] if HAS_TRITON else []))
+@pytest.mark.parametrize("form", FORMS)
 def test_nonfinite_grad_on_padded_queries_is_ignored(monkeypatch, seed: int, form: str) -> None:
     """The upstream gradient of padded queries (NaN here) reaches no gradient."""
-    if form == "torch-masked":
-        monkeypatch.setattr(attention_module, "_fused", lambda device: False)
+    backend = use_form(monkeypatch, form)
     inp = make_inputs(seed, CASES["gqa_ragged"])
-    backend = form.split("-")[0]
     _, want = ours(inp, backend)
     for i, n in enumerate(inp.case.suffix_lengths):
         inp.grad_out[i, :, n:] = math.nan
@@ -347,43 +140,11 @@ def test_nonfinite_grad_on_padded_queries_is_ignored(monkeypatch, seed: int, for
         assert torch.equal(a, b), f"grad of {name}"
 
 
-@requires_triton
-def test_triton_writes_every_output_element(seed: int) -> None:
-    """The launchers are handed NaN-poisoned outputs: every element must be written."""
-    from opsd_kernels.ops.attention import (
-        shared_prefix_attention_bwd_triton_,
-        shared_prefix_attention_fwd_triton_,
-    )
-
-    case = CASES["gqa_ragged"]
-    inp = make_inputs(seed, case)
-    x = [t.float() for t in inp.tensors.values()]
-    ints = (inp.group_index, inp.prefix_lengths, inp.suffix_lengths)
-    scale = case.d**-0.5
-    out, lse = (torch.full_like(x[0], math.nan),
-                torch.full(x[0].shape[:3], math.nan, device=DEVICE))
-    shared_prefix_attention_fwd_triton_(*x, *ints, scale, out, lse)
-    assert not out.isnan().any() and not lse.isnan().any()
-    grads = [torch.full_like(t, math.nan) for t in x]
-    shared_prefix_attention_bwd_triton_(inp.grad_out.float(), *x, *ints, out, lse, scale, *grads)
-    for name, g in zip(NAMES, grads, strict=True):
-        assert not g.isnan().any(), f"grad of {name}: some elements were not written"
-    want_out, want_lse = shared_prefix_attention_op(*x, *ints, scale, "torch")
-    assert_close(out, want_out, what="out")
-    assert_close(lse, want_lse, what="lse")
-
-
-# The torch backend's two forms (fused on CPU, masked elsewhere), and Triton.
-FORMS = ["torch-fused", "torch-masked"] + (["triton"] if HAS_TRITON else [])
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_backward_is_deterministic(monkeypatch, seed: int, form: str) -> None:
     """Bitwise equal gradients on a rerun; the prefix ones sum over several rows per group
     (group 2 has three, not consecutive)."""
-    backend = form.split("-")[0]
-    if form == "torch-masked":
-        monkeypatch.setattr(attention_module, "_fused", lambda device: False)
+    backend = use_form(monkeypatch, form)
     inp = make_inputs(seed, CASES["gqa_ragged"])
     first, second = ours(inp, backend), ours(inp, backend)
     for a, b in zip(first[1], second[1], strict=True):
@@ -396,7 +157,7 @@ def test_frozen_prefix_skips_prefix_gradients(seed: int, backend: str) -> None:
     unchanged and no prefix gradient is formed."""
     inp = make_inputs(seed, CASES["gqa_ragged"])
     _, want = ours(inp, backend)
-    leaves = _leaves(inp, torch.float32)
+    leaves = leaves_of(inp, torch.float32)
     leaves["prefix_key"].requires_grad_(False)
     leaves["prefix_value"].requires_grad_(False)
     out = shared_prefix_attention(*leaves.values(), inp.group_index, inp.prefix_lengths,
@@ -456,9 +217,9 @@ def test_compiled_function(seed: int, use_compile: bool) -> None:
     if use_compile:
         torch._dynamo.reset()
         fn = torch.compile(_loss, fullgraph=True)
-    leaves = list(_leaves(inp, torch.float32).values())
+    leaves = list(leaves_of(inp, torch.float32).values())
     got = torch.autograd.grad(fn(*leaves, *ints), leaves)
-    ref_leaves = list(_leaves(inp, torch.float64).values())
+    ref_leaves = list(leaves_of(inp, torch.float64).values())
     out = naive_prefix_attention(*ref_leaves, *ints)
     want_loss = (out.tanh() * torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)).sum()
     want = torch.autograd.grad(want_loss, ref_leaves)

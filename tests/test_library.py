@@ -632,8 +632,8 @@ def test_no_host_sync_calls_in_source() -> None:
     # Allowed: the label range check reads a bool on CPU only (_assert_async on device), and
     # the fused CPU attention path reads its CPU group ids and prefix lengths (no device there).
     cpu_reads = {("opsd_kernels/_validate.py", "bool(in_range.all())"),
-                 ("opsd_kernels/reference/attention.py", "lengths = prefix_lengths.tolist()"),
-                 ("opsd_kernels/reference/attention.py",
+                 ("opsd_kernels/ops/attention_torch.py", "lengths = prefix_lengths.tolist()"),
+                 ("opsd_kernels/ops/attention_torch.py",
                   "for row, g in enumerate(group_index.tolist()):")}
     allowed = [o for o in offenders
                if any(o.startswith(path) and code in o for path, code in cpu_reads)]

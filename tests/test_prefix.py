@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 from opsd_kernels.prefix import (  # noqa: E402
     ATTENTION_NAME,
     PrefixState,
+    check_prefix_model,
     extend_prefix,
     prefix_forward,
     shared_prefix_forward,
@@ -382,6 +383,47 @@ def test_unknown_model_type_raises() -> None:
         _call(model, make_batch(0, 1))
 
 
+def test_check_prefix_model_before_any_call() -> None:
+    """The public check a trainer runs up front: the model type, and a sliding window or
+    max_position_embeddings against the longest sequence it will pass."""
+    for arch in ARCHS:
+        check_prefix_model(make_model(arch), max_length=64)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=1, n_head=2))
+    with pytest.raises(NotImplementedError, match="^model: model_type 'gpt2'"):
+        check_prefix_model(gpt2)
+    windowed = make_model("mistral", sliding_window=13)
+    check_prefix_model(windowed)  # no length given: the window may never matter
+    check_prefix_model(windowed, max_length=13)
+    with pytest.raises(NotImplementedError, match="^model: sliding-window .*window 13"):
+        check_prefix_model(windowed, max_length=14)
+    with pytest.raises(ValueError, match="^max_length: 65 tokens .* max_position_embeddings 64"):
+        check_prefix_model(make_model("llama"), max_length=65)
+    with pytest.raises(ValueError, match="^max_length: must be a positive integer"):
+        check_prefix_model(make_model("llama"), max_length=0)
+    with pytest.raises(ValueError, match="^model: no Hugging Face decoder"):
+        check_prefix_model(_NoDecoder(make_model("llama").config))
+
+
+class _NoDecoder(torch.nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+
+def test_int32_indices_and_lengths_are_accepted() -> None:
+    model = make_model("llama")
+    batch = make_batch(0, 2)
+    with torch.no_grad():
+        want = _call(model, batch)
+        got = _call(model, batch, group_index=batch.group_index.int(),
+                    prefix_lengths=batch.prefix_lengths.int(),
+                    suffix_lengths=batch.suffix_lengths.int())
+    assert got.state.lengths.dtype == torch.int64
+    real = torch.arange(batch.suffix_ids.shape[1])[None] < batch.suffix_lengths[:, None]
+    torch.testing.assert_close(got.hidden_states[real], want.hidden_states[real])
+
+
 def test_attention_dropout_raises() -> None:
     model = make_model("llama", attention_dropout=0.1)
     with pytest.raises(NotImplementedError, match="attention_dropout"):
@@ -402,7 +444,6 @@ BAD_INPUTS = {
     "group_index out of range": (lambda b: dict(group_index=b.group_index + 1), "group_index"),
     "group_index negative": (lambda b: dict(group_index=b.group_index - 1), "group_index"),
     "group_index wrong length": (lambda b: dict(group_index=b.group_index[:-1]), "group_index"),
-    "group_index int32": (lambda b: dict(group_index=b.group_index.int()), "group_index"),
     "group_index float": (lambda b: dict(group_index=b.group_index.float()), "group_index"),
     "prefix_lengths zero": (lambda b: dict(prefix_lengths=b.prefix_lengths * 0),
                             "prefix_lengths"),

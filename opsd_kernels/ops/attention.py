@@ -27,7 +27,14 @@ Backward (flash-attention 2 per part, both parts using the merged lse and output
    the group's stacked queries (all its rows): dK_P / dV_P are summed in registers, so the
    result is deterministic and no atomics are needed.
 Padded queries (r >= suffix_lengths[b]) get out = 0, lse = 0, dQ = 0 and contribute nothing;
-padded keys are masked with -inf before the softmax and get dK = dV = 0.
+padded keys are masked with -inf before the softmax and get dK = dV = 0. Lengths are read
+clamped to R and P: the op refuses longer ones on the host, but not while torch.compile traces
+(the check would read the device), and a longer one would read past its tensor.
+
+Offsets: every index that multiplies a stride (rows, heads, positions, head dims) is int64.
+Triton passes a stride below 2^31 as int32, and int32 products wrap silently on a GPU (and
+under the interpreter); one row of a [B, R, H, D] view of a [B, R, H * D] projection already
+spans R * H * D elements, more than 2^31 at R = 256k, H * D = 8192.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
 
 MAX_HEAD_DIM = 256
+# The launchers put suffix rows and prefix groups on grid dimension z (y holds heads), which
+# CUDA caps at 65535; the interpreter runs any grid, so only a GPU launch would fail.
+MAX_GRID_ROWS = 65535
 
 
 # PRECISION "upcast" marks a run under the Triton 3.9 interpreter, whose bfloat16 support has
@@ -75,13 +85,21 @@ def _cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _span(start, BLOCK: tl.constexpr):
+    """start + [0, BLOCK) in int64, for indices that multiply strides. Not left to promotion:
+    a loop counter over an int64 bound is int64 in a GPU build but a Python int (so int32) in
+    the interpreter."""
+    return start + tl.arange(0, BLOCK).to(tl.int64)
+
+
+@triton.jit
 def _stacked_lanes(s, n_stack, perm_ptr, row0, sl_ptr, rep_r, R):
     """Stacked query index s of a group -> (row b, head in group, position r, valid)."""
     in_group = s < n_stack
     j = s // rep_r
     t = s % rep_r
     b = tl.load(perm_ptr + row0 + j, mask=in_group, other=0)
-    slen = tl.load(sl_ptr + b, mask=in_group, other=0)
+    slen = tl.minimum(tl.load(sl_ptr + b, mask=in_group, other=0), R)
     r = t % R
     return b, (t // R).to(tl.int64), r.to(tl.int64), in_group & (r < slen)
 
@@ -106,7 +124,7 @@ def _fwd_prefix_kernel(
     Q, PK, PV, OP, LSEP,
     block_group_ptr, blk_start_ptr, perm_ptr, row_start_ptr, count_ptr, pl_ptr, sl_ptr,
     sqb, sqh, sqr, sqd, skg, skh, skn, skd, svg, svh, svn, svd,
-    G, HQ, R, D, REP, qk_scale2,
+    G, HQ, R, P, D, REP, qk_scale2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -120,20 +138,20 @@ def _fwd_prefix_kernel(
     s = (pid - tl.load(blk_start_ptr + g)) * BLOCK_M + tl.arange(0, BLOCK_M)
     b, hr, r, valid = _stacked_lanes(s, n_stack, perm_ptr, tl.load(row_start_ptr + g), sl_ptr,
                                      rep_r, R)
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
     head = h * REP + hr
     q = tl.load(Q + (b * sqb + head * sqh + r * sqr)[:, None] + d[None, :] * sqd,
                 mask=valid[:, None] & d_ok[None, :], other=0.0)
 
-    plen = tl.where(live, tl.load(pl_ptr + g), 0)
+    plen = tl.where(live, tl.minimum(tl.load(pl_ptr + g), P), 0)
     k_base = PK + g * skg + h * skh
     v_base = PV + g * svg + h * svh
     m = tl.zeros([BLOCK_M], tl.float32) + _FLOOR
     z = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, plen, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = _span(n0, BLOCK_N)
         n_ok = n < plen
         m, z, acc = _online_step(
             q, k_base + n[:, None] * skn + d[None, :] * skd,
@@ -159,10 +177,10 @@ def _fwd_suffix_kernel(
     hq = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     h = hq // REP
-    slen = tl.load(sl_ptr + b)
-    r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    slen = tl.minimum(tl.load(sl_ptr + b), R)
+    r = _span(m_blk * BLOCK_M, BLOCK_M)
     valid = r < slen
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
     vd = valid[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + hq * sqh + r[:, None] * sqr + d[None, :] * sqd, mask=vd, other=0.0)
@@ -176,7 +194,7 @@ def _fwd_suffix_kernel(
     v_base = V + b * svb + h * svh
     hi = tl.minimum((m_blk + 1) * BLOCK_M, slen)
     for n0 in range(0, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = _span(n0, BLOCK_N)
         n_ok = n < slen
         m, z, acc = _online_step(
             q, k_base + n[:, None] * skr + d[None, :] * skd,
@@ -206,7 +224,7 @@ def _bwd_dq_kernel(
     Q, K, V, PK, PV, OUT, DO, LSE, DELTA, DQ, gi_ptr, pl_ptr, sl_ptr,
     sqb, sqh, sqr, sqd, skb, skh, skr, skd, svb, svh, svr, svd,
     spkg, spkh, spkn, spkd, spvg, spvh, spvn, spvd,
-    HQ, R, D, REP, qk_scale2, scale,
+    HQ, R, P, D, REP, qk_scale2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -215,11 +233,11 @@ def _bwd_dq_kernel(
     b = tl.program_id(2).to(tl.int64)
     h = hq // REP
     g = tl.load(gi_ptr + b)
-    plen = tl.load(pl_ptr + g)
-    slen = tl.load(sl_ptr + b)
-    r = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    plen = tl.minimum(tl.load(pl_ptr + g), P)
+    slen = tl.minimum(tl.load(sl_ptr + b), R)
+    r = _span(m_blk * BLOCK_M, BLOCK_M)
     valid = r < slen
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
     vd = valid[:, None] & d_ok[None, :]
     row = (b * HQ + hq) * R + r
@@ -236,7 +254,7 @@ def _bwd_dq_kernel(
     pk_base = PK + g * spkg + h * spkh
     pv_base = PV + g * spvg + h * spvh
     for n0 in range(0, plen, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = _span(n0, BLOCK_N)
         n_ok = n < plen
         dq = _dq_step(q, do, lse2, delta, pk_base + n[:, None] * spkn + d[None, :] * spkd,
                       pv_base + n[:, None] * spvn + d[None, :] * spvd,
@@ -246,7 +264,7 @@ def _bwd_dq_kernel(
     v_base = V + b * svb + h * svh
     hi = tl.minimum((m_blk + 1) * BLOCK_M, slen)
     for n0 in range(0, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = _span(n0, BLOCK_N)
         n_ok = n < slen
         dq = _dq_step(q, do, lse2, delta, k_base + n[:, None] * skr + d[None, :] * skd,
                       v_base + n[:, None] * svr + d[None, :] * svd,
@@ -271,6 +289,37 @@ def _dkdv_step(k, v, q, do, lse2, delta, allowed, dk, dv, qk_scale2, PRECISION: 
 
 
 @triton.jit
+def _key_tile(K, V, k_base, v_base, n, n_ok, skn, skd, svn, svd, d, d_ok):
+    """Keys and values n (int64 positions) of one kv head; 0 on masked lanes."""
+    mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + k_base + n[:, None] * skn + d[None, :] * skd, mask=mask, other=0.0)
+    v = tl.load(V + v_base + n[:, None] * svn + d[None, :] * svd, mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _query_tile(Q, q_rows, sqd, DO, LSE, DELTA, row, valid, d, d_ok, D):
+    """Queries (q_rows: each one's offset in Q), their dO, lse (log2 domain) and Delta; row
+    indexes the contiguous [B, Hq, R] buffers."""
+    vd = valid[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_rows[:, None] + d[None, :] * sqd, mask=vd, other=0.0)
+    do = tl.load(DO + row[:, None] * D + d[None, :], mask=vd, other=0.0)
+    lse2 = tl.load(LSE + row, mask=valid, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row, mask=valid, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _store_key_grads(DK, DV, key_row, in_bounds, d, d_ok, D, dk, dv, scale,
+                     PRECISION: tl.constexpr):
+    """dK (scaled) and dV of a key tile into contiguous outputs; key_row indexes their rows."""
+    out = key_row[:, None] * D + d[None, :]
+    mask = in_bounds[:, None] & d_ok[None, :]
+    tl.store(DK + out, _cast(dk * scale, DK.dtype.element_ty, PRECISION), mask=mask)
+    tl.store(DV + out, _cast(dv, DV.dtype.element_ty, PRECISION), mask=mask)
+
+
+@triton.jit
 def _bwd_suffix_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, sl_ptr,
     sqb, sqh, sqr, sqd, skb, skh, skr, skd, svb, svh, svr, svd,
@@ -281,16 +330,13 @@ def _bwd_suffix_dkdv_kernel(
     n_blk = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    slen = tl.load(sl_ptr + b)
-    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    slen = tl.minimum(tl.load(sl_ptr + b), R)
+    n = _span(n_blk * BLOCK_N, BLOCK_N)
     n_ok = n < slen
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + n[:, None] * skr + d[None, :] * skd, mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * svb + h * svh + n[:, None] * svr + d[None, :] * svd, mask=kv_mask,
-                other=0.0)
+    k, v = _key_tile(K, V, b * skb + h * skh, b * svb + h * svh, n, n_ok, skr, skd, svr, svd, d,
+                     d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Causal: only queries r >= the first key of the block see it.
@@ -299,21 +345,14 @@ def _bwd_suffix_dkdv_kernel(
     for hr in range(0, REP):
         hq = h * REP + hr
         for m0 in range(lo, hi, BLOCK_M):
-            r = m0 + tl.arange(0, BLOCK_M)
+            r = _span(m0, BLOCK_M)
             valid = r < slen
             row = (b * HQ + hq) * R + r
-            vd = valid[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + hq * sqh + r[:, None] * sqr + d[None, :] * sqd, mask=vd,
-                        other=0.0)
-            do = tl.load(DO + row[:, None] * D + d[None, :], mask=vd, other=0.0)
-            lse2 = tl.load(LSE + row, mask=valid, other=0.0) * LOG2E
-            delta = tl.load(DELTA + row, mask=valid, other=0.0)
+            q, do, lse2, delta = _query_tile(Q, b * sqb + hq * sqh + r * sqr, sqd, DO, LSE, DELTA,
+                                             row, valid, d, d_ok, D)
             allowed = n_ok[:, None] & valid[None, :] & (n[:, None] <= r[None, :])
             dk, dv = _dkdv_step(k, v, q, do, lse2, delta, allowed, dk, dv, qk_scale2, PRECISION)
-    out = ((b * HKV + h) * R + n)[:, None] * D + d[None, :]
-    store_mask = (n < R)[:, None] & d_ok[None, :]
-    tl.store(DK + out, _cast(dk * scale, DK.dtype.element_ty, PRECISION), mask=store_mask)
-    tl.store(DV + out, _cast(dv, DV.dtype.element_ty, PRECISION), mask=store_mask)
+    _store_key_grads(DK, DV, (b * HKV + h) * R + n, n < R, d, d_ok, D, dk, dv, scale, PRECISION)
 
 
 @triton.jit
@@ -327,16 +366,13 @@ def _bwd_prefix_dkdv_kernel(
     n_blk = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     g = tl.program_id(2).to(tl.int64)
-    plen = tl.load(pl_ptr + g)
-    n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    plen = tl.minimum(tl.load(pl_ptr + g), P)
+    n = _span(n_blk * BLOCK_N, BLOCK_N)
     n_ok = n < plen
-    d = tl.arange(0, BLOCK_D)
+    d = _span(0, BLOCK_D)
     d_ok = d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(PK + g * spkg + h * spkh + n[:, None] * spkn + d[None, :] * spkd, mask=kv_mask,
-                other=0.0)
-    v = tl.load(PV + g * spvg + h * spvh + n[:, None] * spvn + d[None, :] * spvd, mask=kv_mask,
-                other=0.0)
+    k, v = _key_tile(PK, PV, g * spkg + h * spkh, g * spvg + h * spvh, n, n_ok, spkn, spkd, spvn,
+                     spvd, d, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     rep_r = REP * R
@@ -348,18 +384,12 @@ def _bwd_prefix_dkdv_kernel(
                                          sl_ptr, rep_r, R)
         head = h * REP + hr
         row = (b * HQ + head) * R + r
-        vd = valid[:, None] & d_ok[None, :]
-        q = tl.load(Q + (b * sqb + head * sqh + r * sqr)[:, None] + d[None, :] * sqd, mask=vd,
-                    other=0.0)
-        do = tl.load(DO + row[:, None] * D + d[None, :], mask=vd, other=0.0)
-        lse2 = tl.load(LSE + row, mask=valid, other=0.0) * LOG2E
-        delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        q, do, lse2, delta = _query_tile(Q, b * sqb + head * sqh + r * sqr, sqd, DO, LSE, DELTA,
+                                         row, valid, d, d_ok, D)
         dk, dv = _dkdv_step(k, v, q, do, lse2, delta, n_ok[:, None] & valid[None, :], dk, dv,
                             qk_scale2, PRECISION)
-    out = ((g * HKV + h) * P + n)[:, None] * D + d[None, :]
-    store_mask = (n < P)[:, None] & d_ok[None, :]
-    tl.store(DPK + out, _cast(dk * scale, DPK.dtype.element_ty, PRECISION), mask=store_mask)
-    tl.store(DPV + out, _cast(dv, DPV.dtype.element_ty, PRECISION), mask=store_mask)
+    _store_key_grads(DPK, DPV, (g * HKV + h) * P + n, n < P, d, d_ok, D, dk, dv, scale,
+                     PRECISION)
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -451,7 +481,8 @@ def shared_prefix_attention_fwd_triton_(
                                                                    c.rep * c.r, c.block_m)
     _fwd_prefix_kernel[(block_group.shape[0], c.hkv)](
         q, pk, pv, o_p, lse_p, block_group, blk_start, perm, row_start, count, prefix_lengths,
-        suffix_lengths, *_strides(q, pk, pv), c.g, c.hq, c.r, c.d, c.rep, c.qk_scale2, **c.meta)
+        suffix_lengths, *_strides(q, pk, pv), c.g, c.hq, c.r, c.p, c.d, c.rep, c.qk_scale2,
+        **c.meta)
     _fwd_suffix_kernel[(triton.cdiv(c.r, c.block_m), c.hq, c.b)](
         q, k, v, o_p, lse_p, out, lse, suffix_lengths, *_strides(q, k, v), c.hq, c.r, c.d, c.rep,
         c.qk_scale2, **c.meta)
@@ -475,8 +506,8 @@ def shared_prefix_attention_bwd_triton_(
     delta = torch.empty((c.b, c.hq, c.r), dtype=torch.float32, device=q.device)
     _bwd_dq_kernel[(triton.cdiv(c.r, c.block_m), c.hq, c.b)](
         q, k, v, pk, pv, out, grad_out, lse, delta, dq, group_index, prefix_lengths,
-        suffix_lengths, *_strides(q, k, v, pk, pv), c.hq, c.r, c.d, c.rep, c.qk_scale2, scale,
-        **c.meta)
+        suffix_lengths, *_strides(q, k, v, pk, pv), c.hq, c.r, c.p, c.d, c.rep, c.qk_scale2,
+        scale, **c.meta)
     _bwd_suffix_dkdv_kernel[(triton.cdiv(c.r, c.block_n), c.hkv, c.b)](
         q, k, v, grad_out, lse, delta, dk, dv, suffix_lengths, *_strides(q, k, v), c.hq, c.hkv,
         c.r, c.d, c.rep, c.qk_scale2, scale, **c.meta)

@@ -138,10 +138,14 @@ def divergence_rows_kernel(
     if HAS_LABELS:
         # Read before pass 3 overwrites the student row with its gradient.
         y_cols = label + tl.zeros([1], tl.int64)
+        # Both bounds: labels outside [0, V) are refused on the host, but not while
+        # torch.compile traces (the check would read the device), and a negative one would
+        # read before the row (before the buffer, on row 0).
+        y_in_row = (y_cols >= 0) & (y_cols < V)
         # Names of their own: a [1]-shaped `_` here would be re-assigned a [BLOCK_V] tile by
         # the loops below, which a GPU build rejects as a loop-carried type change.
-        s_y, _ds_y = _scaled(s_row, y_cols, y_cols < V, inv_tau_s, softcap, HAS_SOFTCAP)
-        t_y, _dt_y = _scaled(t_row, y_cols, y_cols < V, inv_tau_t, softcap, HAS_SOFTCAP)
+        s_y, _ds_y = _scaled(s_row, y_cols, y_in_row, inv_tau_s, softcap, HAS_SOFTCAP)
+        t_y, _dt_y = _scaled(t_row, y_cols, y_in_row, inv_tau_t, softcap, HAS_SOFTCAP)
         logp_y = (tl.sum(s_y, 0) - m_s) - log_z_s
         logq_y = (tl.sum(t_y, 0) - m_t) - log_z_t
     advantage = logq_y - logp_y

@@ -52,7 +52,7 @@ def load_model_and_tokenizer(config: OPSDConfig) -> tuple[nn.Module, Any]:
 
 def check_model(model: nn.Module, config: OPSDConfig) -> None:
     """Fail before training on a model the config cannot run."""
-    from opsd_kernels.prefix import SUPPORTED_MODEL_TYPES, _sliding_window
+    from opsd_kernels.prefix import check_prefix_model
     from opsd_kernels.trainer.objective import causal_lm
 
     lm = causal_lm(model)
@@ -65,15 +65,10 @@ def check_model(model: nn.Module, config: OPSDConfig) -> None:
         raise ValueError(f"config.max_prompt_length + max_new_tokens = {longest} exceeds the "
                          f"model's max_position_embeddings {limit}")
     if config.shared_prefix:
-        if model_config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"config.shared_prefix: model_type {model_config.model_type!r} is "
-                             f"not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
-                             "set shared_prefix: false")
-        window = _sliding_window(model_config)
-        if window is not None and longest > window:
-            raise ValueError(f"config.shared_prefix: the model's sliding window ({window}) is "
-                             f"shorter than prompt + response ({longest}); set "
-                             "shared_prefix: false")
+        try:
+            check_prefix_model(lm, longest)
+        except (NotImplementedError, ValueError) as err:
+            raise ValueError(f"config.shared_prefix: {err}; set shared_prefix: false") from err
     if config.lora:
         if "lm_head" in config.lora_target_modules:
             raise ValueError("config.lora_target_modules: 'lm_head' cannot take LoRA here; the "
