@@ -3,7 +3,7 @@ engine (vLLM, SGLang) plugs in; `HFGenerateEngine` uses transformers' `generate`
 
 from __future__ import annotations
 
-import warnings
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -81,19 +81,14 @@ class HFGenerateEngine:
         self.model.eval()
         try:
             if self.share_prompts and samples > 1 and width > 1:
-                sampling["past_key_values"] = self._prefill(ids, mask, samples)
+                sampling[self._cache_name()] = self._prefill(ids, mask, samples)
                 ids, mask = ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
                 samples = 1
-            with warnings.catch_warnings():
-                # transformers >= 5.2x renames generate's past_key_values to cache; the old
-                # name is the one every supported version takes.
-                warnings.filterwarnings("ignore", "`past_key_values` is deprecated",
-                                        FutureWarning)
-                generated = self.model.generate(
-                    input_ids=ids, attention_mask=mask,
-                    max_new_tokens=params.max_new_tokens, num_return_sequences=samples,
-                    pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-                    use_cache=True, **sampling)
+            generated = self.model.generate(
+                input_ids=ids, attention_mask=mask,
+                max_new_tokens=params.max_new_tokens, num_return_sequences=samples,
+                pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True,
+                **sampling)
         finally:
             self.model.train(was_training)
         rows = [_until_eos(row, self.eos_token_id) for row in generated[:, width:].tolist()]
@@ -104,10 +99,17 @@ class HFGenerateEngine:
         """The KV cache of every prompt but its last token (which `generate` feeds to get the
         first logits), computed once and repeated for each sample."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: rows start at 0
-        cache = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                           position_ids=positions[:, :-1], use_cache=True).past_key_values
+        out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                         position_ids=positions[:, :-1], use_cache=True)
+        cache = out[self._cache_name()]
         cache.batch_repeat_interleave(samples)
         return cache
+
+    def _cache_name(self) -> str:
+        """The KV cache's name in this transformers: `cache` from 5.2x on, `past_key_values`
+        before (the old name still works there, with a deprecation warning)."""
+        forward = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in forward else "past_key_values"
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:
