@@ -171,6 +171,19 @@ def test_gkd_matches_trl(gkd_setup, monkeypatch, beta, num_items):
                                             num_items_in_batch=num_items))
 
 
+@pytest.mark.parametrize("rows, width", [(0, 6), (2, 1)], ids=["no-rows", "one-token"])
+def test_gkd_batch_without_predicted_tokens_gives_zero_grads(gkd_setup, rows, width):
+    """No sequences, or sequences of one token (nothing to predict): loss 0 on the graph, and
+    every trainable parameter gets a zero gradient of its shape, as with a non-empty batch."""
+    trainer, batch = gkd_setup
+    empty = {k: v[:rows, :width] for k, v in batch.items()
+             if k in ("input_ids", "attention_mask", "labels")}
+    loss, grads = _loss_and_grads(trainer.model,
+                                  lambda: trainer.compute_loss(trainer.model, empty))
+    assert loss.item() == 0.0 and grads
+    assert all(g is not None and not g.any() for g in grads.values())
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_gkd_loss_temperature_matches_generalized_jsd(gkd_setup, monkeypatch, beta):
     """loss_temperature: TRL's generalized_jsd_loss(..., temperature=) on the full logits."""
