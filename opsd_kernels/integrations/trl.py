@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from opsd_kernels._guards import zeros_on_graph
+from opsd_kernels._peft import causal_lm
 from opsd_kernels.losses import fused_linear_divergence
 from opsd_kernels.types import BACKENDS, Backend
 
@@ -73,7 +74,7 @@ def _resolve(model: nn.Module, accelerator: Any, what: str) -> _Role:
             _fail(f"{what}: prompt-learning PEFT adapters (prompt / prefix / p-tuning) are not "
                   "supported: the fused loss runs the backbone directly, bypassing the virtual "
                   "tokens PeftModel.forward adds; use a weight adapter such as LoRA")
-        lm = inner.get_base_model()  # LoRA layers are injected into it, so they still apply
+        lm = causal_lm(inner)
     get_head = getattr(lm, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear):
