@@ -118,9 +118,9 @@ def _explicit_values(command: str, argv: list[str]) -> tuple[dict[str, Any], dic
     """The config fields given on the command line (only those), and the command's own flags.
     Unknown flags are command-line errors, with the closest known flag suggested."""
     parser = _config_parser(command)
-    own = {a.dest for a in parser._actions} - {"help"} - set(_field_names())
-    parser.parse_known_args(argv)  # --help (showing the defaults) and malformed values
     fields = set(_field_names())
+    own = {a.dest for a in parser._actions} - {"help"} - fields
+    parser.parse_known_args(argv)  # --help (showing the defaults) and malformed values
     for action in parser._actions:  # absent flags stay absent (set_defaults would not do it)
         if action.dest in fields:
             action.default = argparse.SUPPRESS
@@ -200,7 +200,8 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
     elif args.command == "demo":
         from opsd_kernels.trainer.demo import run_demo
 
-        run_demo(values, device=values.pop("device", "auto"))
+        device = values.pop("device", "auto")
+        run_demo(values, device=device)
     elif args.command == "bench":
         from opsd_kernels.compare import run_comparison
 

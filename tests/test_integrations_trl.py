@@ -131,7 +131,9 @@ def _assert_matches(model: nn.Module, fused: Callable[[], torch.Tensor],
 def _gkd_config(tmp: os.PathLike, **overrides: object) -> gkd.GKDConfig:
     # bf16=False: the parity tests compare in fp32 (transformers turns bf16 autocast on by
     # default where the CPU supports it)
+    # activation_checkpointing: TRL's default (on), under the name transformers 5 keeps
     options = dict(output_dir=str(tmp), report_to="none", use_cpu=True, bf16=False,
+                   activation_checkpointing=True,
                    per_device_train_batch_size=3, max_steps=1, save_strategy="no",
                    beta=0.5, temperature=0.7, lmbda=0.0, max_new_tokens=4, max_length=64)
     options.update(overrides)
@@ -269,6 +271,7 @@ def test_gkd_trains_on_policy(tmp_path):
 
 def _sdft_config(tmp: os.PathLike, **overrides: object) -> sdft.SDFTConfig:
     options = dict(output_dir=str(tmp), report_to="none", use_cpu=True, bf16=False,
+                   activation_checkpointing=True,
                    per_device_train_batch_size=2, num_generations=2, max_steps=1,
                    save_strategy="no", max_completion_length=6, temperature=0.7,
                    distillation_topk=8, teacher_model_kind="base")
