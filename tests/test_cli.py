@@ -92,6 +92,8 @@ def _one_line_error(capsys, argv: list[str]) -> str:
     (["--teacher_mode", "fixed"], "set lora: true"),
     (["--teacher_mode", "frozen"], "invalid choice: 'frozen' (choose from"),
     (["--max_steps", "ten"], "invalid int value: 'ten'"),
+    (["--max_steps"], "argument --max_steps/--max-steps: expected one argument"),
+    (["max_steps", "3"], "unrecognized argument max_steps"),
     (["--train_data", "nowhere.jsonl"], "does not exist"),
     (["--max_prompt_length", "2000", "--max_new_tokens", "100", "--train_data",
       "nowhere.jsonl"], "exceeds the model's max_position_embeddings 2048; lower "
