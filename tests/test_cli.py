@@ -176,3 +176,17 @@ def test_env_lists_backends(capsys) -> None:
     main(["env"])
     out = capsys.readouterr().out
     assert "torch" in out and "native" in out
+
+
+@pytest.mark.parametrize("sizes", [dict(n=0), dict(hidden=-3), dict(vocab=2.5)])
+def test_bench_sizes_are_checked_when_called_directly(sizes) -> None:
+    from opsd_kernels.compare import run_comparison
+
+    with pytest.raises(ValueError, match="expected a positive integer"):
+        run_comparison(**sizes)
+
+
+def test_bench_runs_at_the_sizes_given(capsys) -> None:
+    main(["bench", "--tokens", "16", "--hidden", "8", "--vocab", "33"])
+    out = capsys.readouterr().out
+    assert "N=16 tokens, H=8, V=33" in out and "sampled token" in out
