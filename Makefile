@@ -27,14 +27,22 @@ GPU_CHECK_OUT ?= bench/results/gpu-check
 $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
-	    echo "reusing the installed torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	    echo "[1/4] creating $(VENV) on the installed torch"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else \
+	    echo "[1/4] creating $(VENV) and installing torch 2.13 (the CPU wheel: a large download)"; \
 	    $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q torch==2.13.0; \
 	  fi; \
+	else \
+	  echo "[1/4] $(VENV) exists"; \
 	fi
-	$(PY) -m pip install -q $(BUILD_TOOLS)
+	@echo "[2/4] installing the build tools (setuptools, wheel, pybind11, ninja, cmake)"
+	@$(PY) -m pip install -q $(BUILD_TOOLS)
 	@command -v cmake >/dev/null 2>&1 || $(PY) -m pip install -q "cmake>=3.18"
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	@echo "[3/4] installing opsd-kernels with its training and test dependencies, and compiling" \
+	  "the native extension (csrc/, python/) with CMake + Ninja: a few minutes"
+	@$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	@echo "[4/4] done; the native extension:"
 	@$(PY) -c "from opsd_kernels import env_report; print('native:', env_report()['native'])"
 	@touch $(STAMP)
 

@@ -86,9 +86,12 @@ def run_comparison(n: int | None = None, hidden: int | None = None,
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    n = n or (4096 if cuda else 1024)
-    hidden = hidden or (4096 if cuda else 256)
-    vocab = vocab or (128256 if cuda else 32768)
+    n = (4096 if cuda else 1024) if n is None else n
+    hidden = (4096 if cuda else 256) if hidden is None else hidden
+    vocab = (128256 if cuda else 32768) if vocab is None else vocab
+    for name, value in (("tokens", n), ("hidden", hidden), ("vocab", vocab)):
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(device, dtype)
     h_s = torch.randn(n, hidden, generator=gen).to(device, dtype).requires_grad_()

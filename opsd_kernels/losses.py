@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from opsd_kernels import _guards
 from opsd_kernels import _validate as v
 from opsd_kernels._backend import resolve_backend
 from opsd_kernels.library import (
@@ -101,6 +102,15 @@ def _as_stats(stats: torch.Tensor, token_shape: torch.Size) -> DivergenceStats:
     return DivergenceStats(*(stats[:, i].reshape(token_shape) for i in range(stats.shape[1])))
 
 
+def _empty_batch(token_shape: torch.Size, reduction: str, return_stats: bool,
+                 *inputs: torch.Tensor | None):
+    """No tokens: a zero loss on the graph (zero gradients of the inputs' shapes), empty stats."""
+    loss = _guards.empty_batch_loss(token_shape, reduction, *inputs)
+    if not return_stats:
+        return loss
+    return loss, _as_stats(loss.new_zeros(0, len(DivergenceStats._fields)), token_shape)
+
+
 def _needs_grad(x: torch.Tensor | None) -> bool:
     return x is not None and x.requires_grad and torch.is_grad_enabled()
 
@@ -183,8 +193,12 @@ def fused_linear_divergence(
 
     Returns:
         The loss (fp32; a scalar, or token-shaped for reduction "none"), and the stats if asked.
+        With no tokens (B = 0 or T = 0) the loss is 0 and every input that requires grad gets a
+        zero gradient. With OPSD_CHECK_FINITE=1 in the environment, NaN or Inf in an input or
+        the loss raises a ValueError naming the tensor.
     """
     v.check_float_tensor("student_hidden", student_hidden, (2, 3))
+    _guards.check_teacher_weight_slot(teacher_weight, student_hidden.shape[:-1])
     v.check_float_tensor("teacher_hidden", teacher_hidden, (2, 3))
     v.check_float_tensor("weight", weight, (2,))
     token_shape = student_hidden.shape[:-1]
@@ -226,6 +240,15 @@ def fused_linear_divergence(
     options = _option_args(divergence, beta, temperature, teacher_temperature, top_k,
                            top_k_source, tail_bucket, clip, logit_softcap, ignore_index,
                            resolve_backend(backend, student_hidden.device), chunk_size)
+    if token_shape.numel() == 0:
+        return _empty_batch(token_shape, reduction, return_stats, student_hidden, weight,
+                            student_bias)
+    check_finite = _guards.finite_check_enabled()
+    if check_finite:
+        _guards.check_finite(student_hidden=student_hidden, weight=weight,
+                             teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                             student_bias=student_bias, teacher_bias=teacher_bias,
+                             token_weights=token_weights)
 
     n = token_shape.numel()
     h_s = student_hidden.reshape(n, hidden).contiguous()
@@ -241,6 +264,8 @@ def fused_linear_divergence(
         loss, stats, *_ = fused_linear_divergence_op(
             *tensors, _row_coef(tok, reduction, num_items), student_bias, teacher_bias, *options,
             _needs_grad(student_hidden), _needs_grad(weight), _needs_grad(student_bias))
+    if check_finite:
+        _guards.check_finite(loss=loss)
     return (loss, _as_stats(stats, token_shape)) if return_stats else loss
 
 
@@ -297,7 +322,8 @@ def divergence(
 
     Returns:
         The loss (and the stats). The only [N, V] buffer it allocates is the gradient; fp32
-        work happens one chunk of rows at a time.
+        work happens one chunk of rows at a time. Empty batches and OPSD_CHECK_FINITE as in
+        :func:`fused_linear_divergence`.
     """
     v.check_float_tensor("student_logits", student_logits, (2, 3))
     v.check_float_tensor("teacher_logits", teacher_logits, (2, 3))
@@ -319,6 +345,12 @@ def divergence(
     options = _option_args(divergence, beta, temperature, teacher_temperature, top_k,
                            top_k_source, tail_bucket, clip, logit_softcap, ignore_index,
                            resolve_backend(backend, student_logits.device), chunk_size)
+    if token_shape.numel() == 0:
+        return _empty_batch(token_shape, reduction, return_stats, student_logits)
+    check_finite = _guards.finite_check_enabled()
+    if check_finite:
+        _guards.check_finite(student_logits=student_logits, teacher_logits=teacher_logits,
+                             token_weights=token_weights)
     n = token_shape.numel()
     s = student_logits.reshape(n, vocab).contiguous()
     t = teacher_logits.reshape(n, vocab).contiguous()
@@ -329,6 +361,8 @@ def divergence(
     else:
         loss, stats, _ = divergence_op(s, t, tok.labels, _row_coef(tok, reduction, num_items),
                                        *options, _needs_grad(student_logits))
+    if check_finite:
+        _guards.check_finite(loss=loss)
     return (loss, _as_stats(stats, token_shape)) if return_stats else loss
 
 

@@ -131,7 +131,9 @@ def _assert_matches(model: nn.Module, fused: Callable[[], torch.Tensor],
 def _gkd_config(tmp: os.PathLike, **overrides: object) -> gkd.GKDConfig:
     # bf16=False: the parity tests compare in fp32 (transformers turns bf16 autocast on by
     # default where the CPU supports it)
+    # activation_checkpointing: TRL's default (on), under the name transformers 5 keeps
     options = dict(output_dir=str(tmp), report_to="none", use_cpu=True, bf16=False,
+                   activation_checkpointing=True,
                    per_device_train_batch_size=3, max_steps=1, save_strategy="no",
                    beta=0.5, temperature=0.7, lmbda=0.0, max_new_tokens=4, max_length=64)
     options.update(overrides)
@@ -169,6 +171,19 @@ def test_gkd_matches_trl(gkd_setup, monkeypatch, beta, num_items):
         lambda: trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items),
         lambda: gkd.GKDTrainer.compute_loss(trainer, trainer.model, batch,
                                             num_items_in_batch=num_items))
+
+
+@pytest.mark.parametrize("rows, width", [(0, 6), (2, 1)], ids=["no-rows", "one-token"])
+def test_gkd_batch_without_predicted_tokens_gives_zero_grads(gkd_setup, rows, width):
+    """No sequences, or sequences of one token (nothing to predict): loss 0 on the graph, and
+    every trainable parameter gets a zero gradient of its shape, as with a non-empty batch."""
+    trainer, batch = gkd_setup
+    empty = {k: v[:rows, :width] for k, v in batch.items()
+             if k in ("input_ids", "attention_mask", "labels")}
+    loss, grads = _loss_and_grads(trainer.model,
+                                  lambda: trainer.compute_loss(trainer.model, empty))
+    assert loss.item() == 0.0 and grads
+    assert all(g is not None and not g.any() for g in grads.values())
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -256,6 +271,7 @@ def test_gkd_trains_on_policy(tmp_path):
 
 def _sdft_config(tmp: os.PathLike, **overrides: object) -> sdft.SDFTConfig:
     options = dict(output_dir=str(tmp), report_to="none", use_cpu=True, bf16=False,
+                   activation_checkpointing=True,
                    per_device_train_batch_size=2, num_generations=2, max_steps=1,
                    save_strategy="no", max_completion_length=6, temperature=0.7,
                    distillation_topk=8, teacher_model_kind="base")

@@ -608,12 +608,14 @@ _HOST_SYNC = re.compile(r"\.(item|tolist|cpu|numpy)\(\)|bool\([^()]*\.(all|any)\
 
 
 def _loss_path_sources() -> list[Path]:
-    """The package modules a fresh `import opsd_kernels` loads, plus the kernels (loaded lazily).
+    """The package modules the public names load, plus the kernels (loaded lazily).
 
     Modules off the loss path (demo, CLI, trainer) may sync for printing and logging."""
     out = _check_ok(_run_python("""
         import sys
         import opsd_kernels
+        for public in opsd_kernels.__all__:  # loaded on first use
+            getattr(opsd_kernels, public)
         for name, module in sorted(sys.modules.items()):
             if name.startswith("opsd_kernels") and getattr(module, "__file__", None):
                 print(module.__file__)

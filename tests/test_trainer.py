@@ -72,9 +72,19 @@ def test_metrics_checkpoints_and_final_model_are_written(tmp_path) -> None:
     assert expected <= set(lines[0]) and "eval_accuracy" in lines[2]
     assert lines[0]["loss"] == pytest.approx(history[0]["loss"])
     assert 1 <= lines[0]["response_length"] <= 24
-    for name in ("checkpoint-1", "checkpoint-2", "final"):
+    for name in ("checkpoints/checkpoint_1", "checkpoints/checkpoint_2", "final"):
         assert (out / name / "config.json").exists(), name
     assert (out / "final" / "tokenizer.json").exists()
+    # accelerate's state beside the model: optimizer, scheduler, step and teacher
+    assert {"optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl"} <= {
+        p.name for p in (out / "checkpoints" / "checkpoint_2").iterdir()}
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path) -> None:
+    trainer = _trainer(tmp_path, max_steps=3, save_steps=1, save_total_limit=2)
+    trainer.train()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["checkpoint_2", "checkpoint_3"]
 
 
 @pytest.mark.parametrize("mode", [{"teacher_mode": "current"},
@@ -95,6 +105,48 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, mode) -> None:
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
+def test_an_interrupted_save_is_never_resumed_from(tmp_path) -> None:
+    _trainer(tmp_path, max_steps=2, save_steps=1).train()
+    partial = tmp_path / "run" / "checkpoints" / "checkpoint_2"
+    (partial / "custom_checkpoint_1.pkl").unlink()  # written last: the save stopped before it
+    resumed = _trainer(tmp_path, max_steps=3, resume=True)
+    assert len(resumed.train()) == 2 and resumed.step == 3  # from checkpoint_1
+
+
+def _nan_on_steps(trainer: OPSDTrainer, steps: set[int], monkeypatch) -> None:
+    """The objective's loss becomes NaN on the given (1-based) steps."""
+    forward = trainer.objective.forward
+
+    def poisoned(batch, num_items):
+        loss, sums = forward(batch, num_items)
+        return (loss * float("nan") if trainer.step + 1 in steps else loss), sums
+
+    monkeypatch.setattr(trainer.objective, "forward", poisoned)
+
+
+def test_a_non_finite_step_is_skipped_and_reported(tmp_path, monkeypatch, capsys) -> None:
+    trainer = _trainer(tmp_path, max_steps=3)
+    _nan_on_steps(trainer, {2}, monkeypatch)
+    history = trainer.train()
+    before = [p.detach().clone() for p in trainer.params]
+    assert [h.get("skipped", 0) for h in history] == [0, 1, 0]
+    assert all(torch.isfinite(p).all() for p in before)  # the NaN gradient never reached them
+    assert trainer.step == 3 and trainer.nonfinite.in_a_row == 0
+    assert "step 2: loss nan" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [r.get("skipped", 0) for r in lines] == [0, 1, 0]
+
+
+def test_non_finite_steps_in_a_row_stop_training(tmp_path, monkeypatch) -> None:
+    from opsd_kernels.trainer import TrainingStopped
+
+    trainer = _trainer(tmp_path, max_steps=6, max_nonfinite_steps=2)
+    _nan_on_steps(trainer, {2, 3, 4}, monkeypatch)
+    with pytest.raises(TrainingStopped, match=r"^step 3: 2 steps in a row with a non-finite"):
+        trainer.train()
+
+
 def test_gradient_accumulation_uses_one_global_token_count(tmp_path) -> None:
     """Two micro-batches of 1 problem give the gradient of one batch of 2 problems."""
     data = problems(2)
@@ -107,6 +159,7 @@ def test_gradient_accumulation_uses_one_global_token_count(tmp_path) -> None:
         if accumulation == 2:
             step_problems += trainer._problems_for(0, 1)
         trainer.optimizer.step = lambda: None  # keep the gradients to compare
+        trainer.scheduler.step = lambda: None  # (it would warn that the optimizer never stepped)
         trainer.optimizer.zero_grad = lambda set_to_none=True: None
         trainer.train_step()
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
@@ -229,11 +282,16 @@ def test_shared_prefix_on_an_unsupported_model_fails_before_training(tmp_path) -
 
 
 def test_overlong_problems_are_counted_and_reported(tmp_path, capsys) -> None:
-    rows = problems(3) + [{"problem": "p" * 170, "solution": "s", "answer": "1"}]
+    rows = problems(3) + [{"problem": "p" * 170, "solution": "s", "answer": "1"},
+                          {"problem": "1+1?", "solution": "s" * 80, "answer": "2"}]
     trainer = _trainer(tmp_path, rows, max_prompt_length=60)
     report = capsys.readouterr().out
-    assert "4 problems: 3 kept" in report and "1 skipped" in report
-    assert "3 with the reference solution truncated" in report
+    assert "5 problems: 4 kept" in report and "1 skipped as longer than max_prompt_length" in report
+    assert "1 with the reference solution truncated in the teacher prompt (max_prompt_length)" in (
+        report) and "supervised target" not in report  # opsd samples its responses
+    _trainer(tmp_path, rows, max_prompt_length=60, method="sft")
+    # the solutions (about 30 tokens) do not fit max_new_tokens = 24 as sft targets
+    assert "4 with the supervised target truncated (max_new_tokens" in capsys.readouterr().out
     assert all(len(p.teacher) <= 60 for p in trainer.train_problems)
 
 
@@ -247,15 +305,11 @@ def test_config_round_trip_through_yaml(tmp_path) -> None:
 
 
 def test_tensorboard_is_written_or_its_absence_explained(tmp_path) -> None:
-    from opsd_kernels.trainer.metrics import MetricsLogger
-
     try:
         import tensorboard  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="needs the tensorboard package"):
-            MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+            _trainer(tmp_path, tensorboard=True)
         return
-    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
-    logger.log(1, {"loss": 0.5})
-    logger.close()
-    assert any((tmp_path / "tensorboard").iterdir())
+    _trainer(tmp_path, max_steps=1, tensorboard=True).train()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())

@@ -9,29 +9,10 @@ from trainer_fixtures import small_config
 
 from opsd_kernels.trainer import OPSDConfig, load_problems
 from opsd_kernels.trainer.answers import is_correct, last_boxed
-from opsd_kernels.trainer.config import parse_overrides
 from opsd_kernels.trainer.prompts import PromptEncoder
 from opsd_kernels.trainer.tiny import arithmetic_problems, tiny_tokenizer
 
 # --- config --------------------------------------------------------------------------------
-
-
-def test_overrides_read_yaml_values() -> None:
-    got = parse_overrides(["--learning_rate", "1e-5", "--lora=true", "--clip", "null",
-                           "--lora-target-modules", "[q_proj, v_proj]", "--output_dir", "r/x"])
-    assert got == {"learning_rate": "1e-5", "lora": True, "clip": None,
-                   "lora_target_modules": ["q_proj", "v_proj"], "output_dir": "r/x"}
-    config = OPSDConfig.from_dict({**got, "teacher_mode": "fixed"})
-    assert config.learning_rate == 1e-5 and config.clip is None
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--max_steps"], "--max_steps needs a value"),
-    (["max_steps", "3"], "expected --key value"),
-])
-def test_bad_command_lines(argv, message) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_overrides(argv)
 
 
 @pytest.mark.parametrize("values, message", [

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 import torch
 from torch import nn
 
+from opsd_kernels._guards import zeros_on_graph
+from opsd_kernels._peft import causal_lm
 from opsd_kernels.losses import fused_linear_divergence
 from opsd_kernels.types import BACKENDS, Backend
 
@@ -72,7 +74,7 @@ def _resolve(model: nn.Module, accelerator: Any, what: str) -> _Role:
             _fail(f"{what}: prompt-learning PEFT adapters (prompt / prefix / p-tuning) are not "
                   "supported: the fused loss runs the backbone directly, bypassing the virtual "
                   "tokens PeftModel.forward adds; use a weight adapter such as LoRA")
-        lm = inner.get_base_model()  # LoRA layers are injected into it, so they still apply
+        lm = causal_lm(inner)
     get_head = getattr(lm, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear):
@@ -142,6 +144,11 @@ def _final_hidden(role: _Role, accelerator: Any, input_ids: torch.Tensor,
     entered here; the loss itself runs outside it, in the head's dtype with fp32 accumulation
     (its logits are never rounded to bf16, unlike an autocast lm_head GEMM).
     """
+    if input_ids.shape[0] == 0:  # a batch without rows: transformers' attention cannot run it
+        params = [p for p in role.backbone.parameters() if p.requires_grad]
+        hidden = zeros_on_graph((0, input_ids.shape[1], role.head.in_features),
+                                input_ids.device, *params)
+        return hidden.to(role.head.weight.dtype)
     with _mixed_precision(accelerator):
         out = role.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -393,7 +400,9 @@ class FusedSDFTMixin:
             ratio = torch.exp(log_ratio.clamp(min=-20.0, max=20.0)).clamp(max=clip)
             per_token = per_token * ratio
             mask = loss_mask.to(per_token.dtype)
-            loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+            # The mean over sequences, written so that a batch without any is 0, not NaN.
+            per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+            loss = per_sequence.sum() / max(per_sequence.numel(), 1)
             return loss / scale, per_token.detach()
 
         loss, per_token = _call_through(student.wrapper, student.inner, student_loss)

@@ -3,20 +3,50 @@ student, the same model (current, initial or EMA weights) as teacher under a pri
 the fused divergence on the response tokens, shared prefixes for both roles.
 
 Needs the training extras (transformers, accelerate, datasets, peft for LoRA); importing
-`opsd_kernels` alone does not load this package.
+`opsd_kernels` alone does not load this package. The names below load their modules on first
+use, so reading the config (`opsd train --help`) does not import torch.
 """
 
-from opsd_kernels.trainer.config import OPSDConfig
-from opsd_kernels.trainer.data import Problem, load_problems
-from opsd_kernels.trainer.rollouts import HFGenerateEngine, RolloutEngine, SamplingParams
-from opsd_kernels.trainer.trainer import OPSDTrainer
+from __future__ import annotations
 
-__all__ = [
-    "HFGenerateEngine",
-    "OPSDConfig",
-    "OPSDTrainer",
-    "Problem",
-    "RolloutEngine",
-    "SamplingParams",
-    "load_problems",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module defining it
+_EXPORTS = {
+    "HFGenerateEngine": "opsd_kernels.trainer.rollouts",
+    "OPSDConfig": "opsd_kernels.trainer.config",
+    "OPSDTrainer": "opsd_kernels.trainer.trainer",
+    "Problem": "opsd_kernels.trainer.data",
+    "RolloutEngine": "opsd_kernels.trainer.rollouts",
+    "SamplingParams": "opsd_kernels.trainer.rollouts",
+    "TrainingStopped": "opsd_kernels.trainer.nonfinite",
+    "evaluate": "opsd_kernels.trainer.evaluate",
+    "load_problems": "opsd_kernels.trainer.data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # the names for type checkers ("as" marks them re-exported)
+    from opsd_kernels.trainer.config import OPSDConfig as OPSDConfig
+    from opsd_kernels.trainer.data import Problem as Problem
+    from opsd_kernels.trainer.data import load_problems as load_problems
+    from opsd_kernels.trainer.evaluate import evaluate as evaluate
+    from opsd_kernels.trainer.nonfinite import TrainingStopped as TrainingStopped
+    from opsd_kernels.trainer.rollouts import HFGenerateEngine as HFGenerateEngine
+    from opsd_kernels.trainer.rollouts import RolloutEngine as RolloutEngine
+    from opsd_kernels.trainer.rollouts import SamplingParams as SamplingParams
+    from opsd_kernels.trainer.trainer import OPSDTrainer as OPSDTrainer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'opsd_kernels.trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 _BOXED = "\\boxed{"
 
@@ -50,3 +51,9 @@ def is_correct(response: str, reference: str | None) -> bool:
         return bool(mv.verify(mv.parse(f"${reference}$"), mv.parse(f"${predicted}$")))
     except Exception:  # math-verify raises on unparsable text (and times out on some)
         return False
+
+
+def count_correct(tokenizer: Any, responses: list[list[int]], answers: list[str | None]) -> int:
+    """How many decoded responses end in the matching boxed answer."""
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))

@@ -1,30 +1,46 @@
-"""Checkpoints: the model (or its LoRA adapter) in Hugging Face format beside the optimizer,
-scheduler, EMA teacher and step, so a resumed run continues exactly where the interrupted one
-stopped (the sampling RNG is reseeded from (seed, step, rank) every step, so it needs no saving).
-``trainer_state.json`` is written last: a directory without it is an interrupted save and is
-never resumed from."""
+"""Checkpoints through accelerate's ``save_state`` / ``load_state``, in
+``output_dir/checkpoints/checkpoint_<step>`` (``save_total_limit`` keeps the newest): the
+optimizer, scheduler and RNG as accelerate writes them, the step and the EMA teacher as
+registered objects, and the model (or its LoRA adapter) in Hugging Face format by
+``save_pretrained``, so ``opsd eval --checkpoint`` and ``from_pretrained`` read it and a LoRA run
+does not write its frozen base each time. Sampling is reseeded from (seed, step, rank) every
+step, so a resumed run repeats the interrupted one's next steps exactly."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-STATE_FILE = "trainer_state.json"
-TENSORS_FILE = "training_state.pt"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
 def save_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     """Hugging Face format: the full model, or the adapter of a peft model."""
-    model.save_pretrained(directory)
+    with _no_progress_bars():  # a "Writing model shards" bar per save, amid the step lines
+        model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_model_weights(model: nn.Module, directory: Path) -> None:
@@ -50,38 +66,63 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
         raise RuntimeError(f"checkpoint: {directory} lacks weights for {missing[:5]}")
 
 
-def save_checkpoint(directory: Path, *, model: nn.Module, tokenizer: Any,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, teacher_state: dict,
-                    step: int, keep: int | None = None) -> Path:
-    path = directory / f"checkpoint-{step}"
-    if path.exists():
+class Progress:
+    """The trainer's step, saved with each checkpoint as an accelerate custom object."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def project_configuration(output_dir: Path, total_limit: int | None) -> Any:
+    from accelerate.utils import ProjectConfiguration
+
+    return ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir),
+                                automatic_checkpoint_naming=True, total_limit=total_limit)
+
+
+def use_hugging_face_format(accelerator: Any, model: Callable[[], nn.Module],
+                            tokenizer: Any) -> None:
+    """Make save_state / load_state write and read ``model()`` by save_pretrained instead of
+    accelerate's state dict of the prepared module (accelerate's documented hooks)."""
+
+    def save(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            save_model(model(), tokenizer, Path(output_dir))
+        weights.clear()
+
+    def load(models: list, input_dir: str) -> None:
+        load_model_weights(model(), Path(input_dir))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int) -> Path:
+    """``save_state`` into ``checkpoints/checkpoint_<step>`` (replacing a partial one)."""
+    path = output_dir / CHECKPOINTS / f"checkpoint_{step}"
+    if accelerator.is_main_process and path.exists():
         shutil.rmtree(path)
-    path.mkdir(parents=True)
-    save_model(model, tokenizer, path)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "teacher": teacher_state}, path / TENSORS_FILE)
-    (path / STATE_FILE).write_text(json.dumps({"step": step}))
-    if keep is not None:
-        for old in list_checkpoints(directory)[:-keep]:
-            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    accelerator.project_configuration.iteration = step  # names the folder after the step
+    accelerator.save_state()
+    accelerator.wait_for_everyone()
     return path
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints under ``directory``, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir()
-             if (m := _NAME.match(p.name)) and (p / STATE_FILE).exists()]
-    return [p for _, p in sorted(found)]
-
-
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> tuple[int, dict]:
-    """Restore a checkpoint in place; returns (step, teacher state)."""
-    step = json.loads((path / STATE_FILE).read_text())["step"]
-    load_model_weights(model, path)
-    state = torch.load(path / TENSORS_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return step, state["teacher"]
+def latest_checkpoint(output_dir: Path, custom_objects: int) -> Path | None:
+    """The newest complete checkpoint: accelerate writes the registered objects last, so a
+    folder without the last of them is an interrupted save and is never resumed from."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    last = f"custom_checkpoint_{custom_objects - 1}.pkl"
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / last).exists()]
+    return max(found)[1] if found else None

@@ -27,81 +27,115 @@ TEACHER_TEMPLATE = (
 )
 
 
+def _field(default: Any, help: str) -> Any:
+    """A config field with its one-line meaning: ``opsd train --help`` lists it (through
+    transformers' HfArgumentParser), so the help cannot drift from the code."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 @dataclass
 class OPSDConfig:
     """One training run. Fields are grouped as in `opsd_kernels/trainer/configs/*.yaml`."""
 
     # model and tokenizer
-    model: str = "tiny"  # a local Hugging Face model directory, or "tiny" (embedded, random)
-    tokenizer: str | None = None  # defaults to `model`
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"  # auto: bf16 on CUDA
-    device: str = "auto"  # auto: cuda when available, else cpu
-    gradient_checkpointing: bool = False  # always non-reentrant
+    model: str = _field("tiny", "a local Hugging Face model directory (never downloaded), or "
+                        "'tiny' (the embedded Qwen3-shaped model, random weights)")
+    tokenizer: str | None = _field(None, "tokenizer directory; null: the model's")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _field(
+        "auto", "weights' dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = _field("auto", "cpu, cuda, cuda:1, ...; auto: cuda when available, else cpu")
+    gradient_checkpointing: bool = _field(False, "recompute activations in backward "
+                                          "(non-reentrant)")
     # LoRA (peft)
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                 "down_proj"])
+    lora: bool = _field(False, "train LoRA adapters (peft) instead of all weights")
+    lora_rank: int = _field(16, "LoRA rank")
+    lora_alpha: int = _field(32, "LoRA scaling numerator (scale = alpha / rank)")
+    lora_dropout: float = _field(0.0, "dropout on the LoRA input")
+    lora_target_modules: list[str] = _field(_LORA_TARGETS, "module names that get adapters "
+                                            "(never lm_head)")
 
     # method and teacher
-    method: Method = "opsd"
-    teacher_mode: TeacherMode = "current"  # current weights / initial policy / EMA of weights
-    ema_decay: float = 0.99
+    method: Method = _field("opsd", "opsd: on-policy self-distillation; sft: the supervised "
+                            "baseline (cross-entropy on the reference solutions)")
+    teacher_mode: TeacherMode = _field(
+        "current", "the teacher's weights: current (the student's, no grad), fixed (the "
+        "initial policy: LoRA adapters off; needs lora), ema (a moving average)")
+    ema_decay: float = _field(0.99, "teacher_mode ema: ema <- decay * ema + (1 - decay) * w")
 
     # data
-    train_data: str | None = None  # .jsonl, .parquet, or a directory saved by datasets
-    eval_data: str | None = None
-    problem_column: str = "problem"
-    solution_column: str = "solution"
-    answer_column: str | None = "answer"  # optional; else the solution's last \boxed{}
-    student_template: str = STUDENT_TEMPLATE
-    teacher_template: str = TEACHER_TEMPLATE
-    system_prompt: str | None = None
-    chat_template: bool | None = None  # None: use the tokenizer's when it has one
-    max_prompt_length: int = 1024  # teacher prompt tokens (problem + solution + transition)
-    overlong: Overlong = "truncate"  # "truncate" shortens the solution; "skip" drops the row
+    train_data: str | None = _field(None, ".jsonl, .parquet or a directory saved by datasets "
+                                    "(required by opsd train)")
+    eval_data: str | None = _field(None, "held-out problems, same format (required by opsd "
+                                   "eval)")
+    problem_column: str = _field("problem", "column holding the problem text")
+    solution_column: str = _field("solution", "column holding the reference solution")
+    answer_column: str | None = _field("answer", "column holding the final answer; null or "
+                                       "missing: the solution's last \\boxed{}")
+    student_template: str = _field(STUDENT_TEMPLATE, "student prompt, with {problem}")
+    teacher_template: str = _field(TEACHER_TEMPLATE, "teacher prompt, with {problem} and "
+                                   "{solution}")
+    system_prompt: str | None = _field(None, "system message (or a text before the prompt)")
+    chat_template: bool | None = _field(None, "wrap prompts in the tokenizer's chat template; "
+                                        "null: when it has one")
+    max_prompt_length: int = _field(1024, "most teacher prompt tokens (problem + solution + "
+                                    "transition)")
+    overlong: Overlong = _field("truncate", "a teacher prompt over max_prompt_length: truncate "
+                                "the solution, or skip the problem")
 
     # rollouts
-    num_rollouts: int = 4  # responses sampled per problem
-    rollout_temperature: float = 1.0
-    rollout_top_p: float = 1.0
-    rollout_top_k: int = 0  # 0: off
-    max_new_tokens: int = 256
+    num_rollouts: int = _field(4, "responses sampled per problem")
+    rollout_temperature: float = _field(1.0, "sampling temperature of the rollouts")
+    rollout_top_p: float = _field(1.0, "nucleus sampling of the rollouts (1: off)")
+    rollout_top_k: int = _field(0, "top-k sampling of the rollouts (0: off)")
+    max_new_tokens: int = _field(256, "most tokens per response (and per sft target)")
 
     # loss
-    divergence: Literal["jsd", "forward_kl", "reverse_kl", "sampled"] = "jsd"
-    beta: float = 0.5
-    loss_temperature: float = 1.0
-    loss_top_k: int | None = None
-    clip: float | None = None
-    shared_prefix: bool = True  # compute each prompt once per role (Llama/Qwen2/Qwen3/Mistral)
-    # sft only: also train on the teacher prompts, for a model that cannot yet use a reference
-    # solution in its context (a small model from scratch, as in the demo)
-    sft_teacher_prompts: bool = False
+    divergence: Literal["jsd", "forward_kl", "reverse_kl", "sampled"] = _field(
+        "jsd", "per-token divergence between teacher and student")
+    beta: float = _field(0.5, "jsd weight: 0 = forward KL, 1 = reverse KL (TRL's convention)")
+    loss_temperature: float = _field(1.0, "temperature of both roles' softmax in the loss")
+    loss_top_k: int | None = _field(None, "compare on the teacher's top-k tokens only; null: "
+                                    "the whole vocabulary")
+    clip: float | None = _field(None, "cap each (token, vocab) term of the divergence (OPSD's "
+                                "point-wise clipping); null: off")
+    shared_prefix: bool = _field(True, "compute each prompt once per role (Llama, Qwen2, Qwen3, "
+                                 "Mistral)")
+    # A small model from scratch (the demo) cannot yet use a reference solution in its context.
+    sft_teacher_prompts: bool = _field(False, "sft only: also train on the teacher prompts")
 
     # optimisation
-    problems_per_step: int = 4  # per process and micro-batch
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 100
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
+    problems_per_step: int = _field(4, "problems per process and micro-batch")
+    gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step")
+    max_steps: int = _field(100, "optimizer steps to run")
+    learning_rate: float = _field(1e-5, "AdamW learning rate")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _field(
+        "constant", "learning-rate schedule (after the warm-up)")
+    warmup_steps: int = _field(0, "linear warm-up steps")
+    max_grad_norm: float | None = _field(1.0, "clip the gradient norm; null: no clipping")
+    max_nonfinite_steps: int = _field(
+        3, "steps with a NaN / Inf loss or gradient norm are skipped; stop after this many in a "
+        "row")
+    seed: int = _field(0, "seeds data order, sampling and the tiny model")
 
     # evaluation, logging, checkpoints
-    eval_steps: int = 0  # 0: only at the end (when eval_data is set)
-    eval_max_new_tokens: int | None = None  # defaults to max_new_tokens
-    output_dir: str = "runs/opsd"
-    logging_steps: int = 1
-    save_steps: int = 0  # 0: only the final model
-    resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
-    tensorboard: bool = False
-    progress_bar: bool = True
+    eval_steps: int = _field(0, "evaluate every N steps; 0: only at the end (when eval_data is "
+                             "set)")
+    eval_max_new_tokens: int | None = _field(None, "most tokens per eval answer; null: "
+                                             "max_new_tokens")
+    output_dir: str = _field("runs/opsd", "metrics.jsonl, checkpoints/ and final/ go here")
+    logging_steps: int = _field(1, "write metrics every N steps")
+    save_steps: int = _field(0, "save a checkpoint every N steps; 0: only the final model")
+    save_total_limit: int | None = _field(None, "keep only the newest N checkpoints; null: all")
+    resume: bool = _field(True, "continue from the newest checkpoint in output_dir when there "
+                          "is one")
+    tensorboard: bool = _field(False, "also log to TensorBoard (output_dir/tensorboard)")
+    progress_bar: bool = _field(True, "show a progress bar (else one line per logged step)")
 
     # --- loading and overriding ----------------------------------------------------------
 
@@ -110,6 +144,8 @@ class OPSDConfig:
         """Read a YAML mapping of field names to values, then apply ``overrides``."""
         import yaml
 
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such config file")
         text = Path(path).read_text()
         values = yaml.safe_load(text) or {}
         if not isinstance(values, dict):
@@ -139,7 +175,7 @@ class OPSDConfig:
         """Raise ValueError naming the first field whose value cannot work."""
         positive = ("num_rollouts", "max_new_tokens", "problems_per_step",
                     "gradient_accumulation_steps", "max_steps", "max_prompt_length",
-                    "logging_steps", "lora_rank")
+                    "logging_steps", "lora_rank", "max_nonfinite_steps")
         for name in positive:
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         for name in ("eval_steps", "save_steps", "warmup_steps", "rollout_top_k"):
@@ -152,6 +188,8 @@ class OPSDConfig:
         _require(0.0 < self.rollout_top_p <= 1.0, "rollout_top_p", "must lie in (0, 1]")
         _require(self.loss_temperature > 0, "loss_temperature", "must be > 0")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+                 "must be > 0 or null")
+        _require(self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit",
                  "must be > 0 or null")
         _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")
         _require(self.teacher_mode != "fixed" or self.lora, "teacher_mode",
@@ -224,26 +262,3 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         _require(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value
     raise TypeError(f"config.{key}: unsupported annotation {hint!r}")
-
-
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """``--key value`` pairs (values in YAML syntax: 3, 1e-5, true, null, [a, b]) as a dict;
-    ``--key=value`` works too. Dashes in keys read as underscores."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    items = list(argv)
-    while items:
-        token = items.pop(0)
-        if not token.startswith("--") or token == "--":
-            raise ValueError(f"command line: expected --key value, got {token!r}")
-        key, eq, raw = token[2:].partition("=")
-        if not eq:
-            if not items or items[0].startswith("--"):
-                raise ValueError(f"command line: --{key} needs a value")
-            raw = items.pop(0)
-        try:
-            out[key.replace("-", "_")] = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ValueError(f"command line: --{key}: cannot read {raw!r} ({e})") from None
-    return out

@@ -37,7 +37,15 @@ def _read_table(source: str | Path) -> Any:
     if kind is None:
         raise ValueError(f"data: {source}: unknown format {path.suffix!r}; use .jsonl, "
                          ".parquet or a directory written by datasets' save_to_disk")
-    return datasets.load_dataset(kind, data_files=str(path), split="train")
+    # A local file of problems needs no "Generating train split" bar amid the run's output.
+    quiet = not datasets.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def load_problems(source: str | Path | Iterable[Mapping[str, Any]], *,

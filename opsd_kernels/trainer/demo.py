@@ -77,7 +77,8 @@ def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, f
     print(f"[2/2] OPSD: {distill.max_steps} steps, {distill.num_rollouts} rollouts per "
           f"problem, {distill.divergence} (beta {distill.beta}), teacher "
           f"{distill.teacher_mode!r}, shared prefixes {'on' if distill.shared_prefix else 'off'}")
-    trainer = OPSDTrainer(warmup.model, tokenizer, train, distill)
+    # The same prompts: the warm-up's encoded problems are reused (and not reported again).
+    trainer = OPSDTrainer(warmup.model, tokenizer, warmup.train_problems, distill)
     history = trainer.train()
     after, sampled_after = _accuracy(trainer, evaluation)
     elapsed = time.perf_counter() - started
@@ -88,7 +89,7 @@ def run_demo(overrides: dict | None = None, device: str = "auto") -> dict[str, f
           f"{after:.1%} after; sampled (T = {distill.rollout_temperature}, "
           f"{SAMPLES} per problem) {sampled_before:.1%} before, {sampled_after:.1%} after; "
           f"{elapsed:.0f} s in all")
-    print(f"metrics: {trainer.metrics.path}; model: {out / 'opsd' / 'final'}")
+    print(f"metrics: {out / 'opsd' / 'metrics.jsonl'}; model: {out / 'opsd' / 'final'}")
     return {"before": before, "after": after, "sampled_before": sampled_before,
             "sampled_after": sampled_after, "teacher": teacher, "seconds": elapsed}
 

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON line each in ``metrics.jsonl``, optionally TensorBoard."""
+"""Per-step metrics through accelerate's trackers: ``metrics.jsonl`` (one JSON line per logged
+step; the tracker below) and, with ``tensorboard: true``, accelerate's TensorBoard tracker."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.tracking import GeneralTracker, on_main_process
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -17,38 +19,48 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-class MetricsLogger:
-    def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
-        self.path = output_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError("config.tensorboard: true needs the tensorboard package "
-                                 "(pip install tensorboard)") from e
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+class JSONLinesTracker(GeneralTracker):
+    """``{"step": N, ...metrics}`` per line, appended as the run goes (readable mid-run)."""
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **values}
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        pass  # the config is the run's YAML / command line; metrics only here
+
+    @on_main_process
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+            f.write(json.dumps({"step": step, **values}) + "\n")
 
+    @on_main_process
     def truncate_after(self, step: int) -> None:
-        """Drop lines past ``step`` (a resumed run rewrites them)."""
-        if not (self.enabled and self.path.exists()):
+        """Drop lines past ``step`` (a resumed run rewrites them; a fresh run starts empty)."""
+        if not self.path.exists():
             return
         lines = [line for line in self.path.read_text().splitlines()
                  if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in lines))
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+
+def trackers(output_dir: Path, *, tensorboard: bool) -> list[Any]:
+    """What `accelerate.Accelerator(log_with=...)` gets for a run writing to ``output_dir``."""
+    chosen: list[Any] = [JSONLinesTracker(output_dir / "metrics.jsonl")]
+    if tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as e:
+            raise ValueError("config.tensorboard: true needs the tensorboard package "
+                             "(pip install tensorboard)") from e
+        chosen.append("tensorboard")
+    return chosen

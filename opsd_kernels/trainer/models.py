@@ -3,6 +3,7 @@ adding LoRA / gradient checkpointing."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -52,8 +53,8 @@ def load_model_and_tokenizer(config: OPSDConfig) -> tuple[nn.Module, Any]:
 
 def check_model(model: nn.Module, config: OPSDConfig) -> None:
     """Fail before training on a model the config cannot run."""
+    from opsd_kernels._peft import causal_lm
     from opsd_kernels.prefix import check_prefix_model
-    from opsd_kernels.trainer.objective import causal_lm
 
     lm = causal_lm(model)
     model_config = lm.config
@@ -63,7 +64,9 @@ def check_model(model: nn.Module, config: OPSDConfig) -> None:
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and longest > limit:
         raise ValueError(f"config.max_prompt_length + max_new_tokens = {longest} exceeds the "
-                         f"model's max_position_embeddings {limit}")
+                         f"model's max_position_embeddings {limit}; lower max_prompt_length "
+                         f"(now {config.max_prompt_length}) or max_new_tokens (now "
+                         f"{config.max_new_tokens})")
     if config.shared_prefix:
         try:
             check_prefix_model(lm, longest)
@@ -85,9 +88,14 @@ def prepare_model(model: nn.Module, config: OPSDConfig) -> nn.Module:
     if config.lora and not hasattr(model, "peft_config"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM"))
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout,
+                          target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)
+            model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})

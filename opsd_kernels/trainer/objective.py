@@ -1,5 +1,5 @@
-"""The training objective of one micro-batch, as an nn.Module so DDP / FSDP (through
-accelerate) wrap it whole: the student's and the teacher's final hidden states at the
+"""The training objective of one micro-batch, as an nn.Module so accelerate's DDP wrapper
+covers it whole: the student's and the teacher's final hidden states at the
 response tokens, then the fused divergence on the shared lm_head (or, for the supervised
 baseline, cross-entropy on the reference solutions, a chunk of rows at a time).
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from opsd_kernels._peft import causal_lm
 from opsd_kernels.losses import fused_linear_divergence
 from opsd_kernels.prefix import (
     PrefixState,
@@ -50,11 +51,6 @@ def pad_rows(rows: list[list[int]], pad: int, device: torch.device,
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
     return ids.to(device), lengths.to(device)
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM inside a peft model (LoRA layers injected), or itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -113,7 +109,7 @@ class DistillationObjective(nn.Module):
         student_hidden = self._hidden(lm, students, *rows, head=head)
         c = self.config
         loss, stats = fused_linear_divergence(
-            student_hidden, weight, teacher_hidden, teacher_weight, labels=labels,
+            student_hidden, weight, teacher_hidden, teacher_weight=teacher_weight, labels=labels,
             divergence=c.divergence, beta=c.beta, temperature=c.loss_temperature,
             top_k=c.loss_top_k, clip=c.clip, num_items=num_items, return_stats=True)
         return loss, {

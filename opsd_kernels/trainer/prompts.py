@@ -24,7 +24,8 @@ class EncodedProblem:
     teacher: list[int]  # teacher prompt ids
     target: list[int]  # reference solution + eos: the supervised baseline's response
     answer: str | None
-    truncated: bool
+    truncated: bool  # the solution in the teacher prompt was cut (max_prompt_length)
+    target_truncated: bool = False  # the target was cut (max_new_tokens)
 
     @property
     def head_length(self) -> int:
@@ -39,13 +40,21 @@ class EncodedProblem:
 @dataclass
 class EncodingReport:
     total: int = 0
-    truncated: int = 0
+    truncated: int = 0  # the teacher prompt's solution cut to fit max_prompt_length
+    target_truncated: int = 0  # the sft target (solution + eos) cut to max_new_tokens
     skipped: list[int] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return (f"{self.total} problems: {self.total - len(self.skipped)} kept, "
-                f"{self.truncated} with the reference solution truncated (max_prompt_length "
-                f"or max_new_tokens), {len(self.skipped)} skipped as too long")
+        parts = [f"{self.total} problems: {self.total - len(self.skipped)} kept"]
+        if self.truncated:
+            parts.append(f"{self.truncated} with the reference solution truncated in the "
+                         "teacher prompt (max_prompt_length)")
+        if self.target_truncated:
+            parts.append(f"{self.target_truncated} with the supervised target truncated "
+                         "(max_new_tokens; used by method sft)")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped as longer than max_prompt_length")
+        return ", ".join(parts)
 
 
 class PromptEncoder:
@@ -114,8 +123,8 @@ class PromptEncoder:
                 return None
             truncated = True
         target = solution_ids[: self.config.max_new_tokens - 1] + [self.tokenizer.eos_token_id]
-        truncated = truncated or len(solution_ids) > self.config.max_new_tokens - 1
-        return EncodedProblem(student, teacher, target, item.answer, truncated)
+        target_truncated = len(solution_ids) > self.config.max_new_tokens - 1
+        return EncodedProblem(student, teacher, target, item.answer, truncated, target_truncated)
 
     def encode_all(self, items: list[Problem]) -> tuple[list[EncodedProblem], EncodingReport]:
         report = EncodingReport(total=len(items))
@@ -126,6 +135,8 @@ class PromptEncoder:
                 report.skipped.append(i)
                 continue
             report.truncated += encoded.truncated
+            if self.config.method == "sft":  # opsd samples its responses: no target to cut
+                report.target_truncated += encoded.target_truncated
             out.append(encoded)
         if not out:
             raise ValueError(f"data: every problem is longer than max_prompt_length "

@@ -26,9 +26,10 @@ def tiny_tokenizer() -> Any:
 
 
 def tiny_model(tokenizer: Any, *, hidden_size: int = 128, layers: int = 4, seed: int = 0,
-               max_positions: int = 1024, **config: Any) -> Any:
+               max_positions: int = 2048, **config: Any) -> Any:
     """A randomly initialised Qwen3ForCausalLM (GQA, rotary, tied embeddings); ``config``
-    overrides Qwen3Config fields."""
+    overrides Qwen3Config fields. Its 2048 positions fit OPSDConfig's default prompt and
+    response lengths, so `opsd train` runs on it with the defaults."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 

@@ -1,10 +1,12 @@
 """`OPSDTrainer`: sample rollouts from the student, score them under the teacher prompt, step
-on the fused divergence. One process, or many under torchrun / accelerate (DDP, FSDP), through
-`accelerate.Accelerator`."""
+on the fused divergence. One process, or several under torchrun through
+`accelerate.Accelerator` (DDP; tested with 2 CPU processes on gloo). Nothing here has run
+under FSDP: the EMA teacher is refused there, the rest is untested."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -14,21 +16,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from opsd_kernels.trainer.answers import is_correct
-from opsd_kernels.trainer.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    save_model,
-)
+from opsd_kernels.trainer import checkpoint
+from opsd_kernels.trainer.answers import count_correct
 from opsd_kernels.trainer.config import OPSDConfig
 from opsd_kernels.trainer.data import Problem, load_problems
-from opsd_kernels.trainer.metrics import MetricsLogger, peak_memory_mib
+from opsd_kernels.trainer.evaluate import evaluate
+from opsd_kernels.trainer.metrics import peak_memory_mib, trackers
 from opsd_kernels.trainer.models import check_model, prepare_model
+from opsd_kernels.trainer.nonfinite import NonFiniteSteps, TrainingStopped
 from opsd_kernels.trainer.objective import DistillationObjective, RolloutBatch
 from opsd_kernels.trainer.prompts import EncodedProblem, PromptEncoder
 from opsd_kernels.trainer.rollouts import HFGenerateEngine, RolloutEngine, SamplingParams
 from opsd_kernels.trainer.teacher import Teacher
+
+__all__ = ["OPSDTrainer", "TrainingStopped"]
 
 Dataset = str | Path | Iterable[Mapping[str, Any]]
 
@@ -40,8 +41,9 @@ class OPSDTrainer:
     Args:
         model: a transformers *ForCausalLM (LoRA is added here when ``config.lora``).
         tokenizer: its tokenizer (needs an eos token).
-        train_dataset: path (.jsonl / .parquet / `datasets` directory), `datasets.Dataset` or
-            rows with the config's problem / solution (/ answer) columns.
+        train_dataset: path (.jsonl / .parquet / `datasets` directory), `datasets.Dataset`,
+            rows with the config's problem / solution (/ answer) columns, or the
+            ``train_problems`` of another trainer with the same prompts (not encoded again).
         config: the run's `OPSDConfig`.
         eval_dataset: held-out problems for `evaluate()`.
         rollout_engine: samples the student's responses; default `HFGenerateEngine`.
@@ -53,19 +55,25 @@ class OPSDTrainer:
         from accelerate import Accelerator
 
         config.validate()
+        check_model(model, config)  # before the data: a config the model cannot run fails fast
         self.config = config
         self.tokenizer = tokenizer
-        self.encoder = PromptEncoder(tokenizer, config)
-        self.train_problems, report = self.encode(train_dataset)
-        self.eval_problems = None if eval_dataset is None else self.encode(eval_dataset)[0]
-        check_model(model, config)
-        self.accelerator = Accelerator(cpu=config.device == "cpu")
+        self.output_dir = Path(config.output_dir)
+        log_with = trackers(self.output_dir, tensorboard=config.tensorboard)
+        self.metrics_file = log_with[0]  # metrics.jsonl
+        self.accelerator = Accelerator(
+            cpu=config.device == "cpu", log_with=log_with,
+            project_config=checkpoint.project_configuration(self.output_dir,
+                                                            config.save_total_limit))
         if config.teacher_mode == "ema" and self.accelerator.distributed_type == "FSDP":
             raise ValueError("config.teacher_mode: 'ema' swaps whole parameters in for the "
                              "teacher, which FSDP's shards do not allow; use 'fixed' (LoRA) "
                              "or 'current' under FSDP")
         self.is_main = self.accelerator.is_main_process
-        self._print(f"train data: {report}")
+        self.encoder = PromptEncoder(tokenizer, config)
+        self.train_problems = self._encoded(train_dataset, "train data")
+        self.eval_problems = None if eval_dataset is None else self._encoded(eval_dataset,
+                                                                              "eval data")
         model = prepare_model(model, config)
         self.model = model
         self.teacher = Teacher(config.teacher_mode, model, config.ema_decay)
@@ -85,13 +93,33 @@ class OPSDTrainer:
             self.objective, self.optimizer, self.scheduler)
         self.params = params
         self.engine = rollout_engine or HFGenerateEngine(model, pad, tokenizer.eos_token_id)
-        self.output_dir = Path(config.output_dir)
-        self.metrics = MetricsLogger(self.output_dir, enabled=self.is_main,
-                                     tensorboard=config.tensorboard)
-        self.step = 0
+        self.progress = checkpoint.Progress()
+        self._checkpointed = (self.progress, self.teacher)
+        self.accelerator.register_for_checkpointing(*self._checkpointed)
+        checkpoint.use_hugging_face_format(
+            self.accelerator, lambda: self.accelerator.unwrap_model(self.objective).model,
+            tokenizer)
+        self.nonfinite = NonFiniteSteps(config.max_nonfinite_steps)
+        self.eval_results: dict[str, float] | None = None
         self._order: dict[int, list[int]] = {}
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (skipped non-finite steps included)."""
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
     # --- data ----------------------------------------------------------------------------
+
+    def _encoded(self, dataset: Dataset, what: str) -> list[EncodedProblem]:
+        if isinstance(dataset, list) and dataset and isinstance(dataset[0], EncodedProblem):
+            return dataset
+        problems, report = self.encode(dataset)
+        self._print(f"{what}: {report}")
+        return problems
 
     def encode(self, dataset: Dataset) -> tuple[list[EncodedProblem], Any]:
         """Problems of ``dataset`` as prompt ids under this trainer's config, and a report of
@@ -144,34 +172,56 @@ class OPSDTrainer:
     def train(self) -> list[dict[str, float]]:
         """Run to ``config.max_steps`` (resuming from the latest checkpoint when
         ``config.resume``); save the final model to ``output_dir/final``. Returns the logged
-        metrics of the steps run here."""
-        c = self.config
+        metrics of the steps run here; the final evaluation is kept in ``eval_results``."""
+        c, acc = self.config, self.accelerator
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if c.resume and (found := list_checkpoints(self.output_dir)):
-            self.resume_from(found[-1])
-        self.metrics.truncate_after(self.step)  # a fresh run starts a fresh file
+        if not acc.trackers:
+            acc.init_trackers("tensorboard")  # TensorBoard's run folder under output_dir
+        if c.resume and (found := checkpoint.latest_checkpoint(self.output_dir,
+                                                                len(self._checkpointed))):
+            self.resume_from(found)
+        self.metrics_file.truncate_after(self.step)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=c.method,
-                   disable=not (self.is_main and c.progress_bar))
+        show_bar = self.is_main and c.progress_bar
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=c.method, disable=not show_bar)
         history = []
         while self.step < c.max_steps:
             record = self.train_step()
             history.append(record)
             if self.step % c.logging_steps == 0 or self.step == c.max_steps:
-                self.metrics.log(self.step, record)
+                acc.log(record, step=self.step)
+                if not show_bar:
+                    self._print(_one_line(self.step, c.max_steps, record))
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if self.eval_problems is not None and c.eval_steps and self.step % c.eval_steps == 0:
-                self.metrics.log(self.step, self.evaluate())
+                self.eval_results = self.evaluate()
+                acc.log(self.eval_results, step=self.step)
             if c.save_steps and self.step % c.save_steps == 0:
                 self.save_checkpoint()
         bar.close()
         self.save(self.output_dir / "final")
         if self.eval_problems is not None and not c.eval_steps:
-            self.metrics.log(self.step, self.evaluate())
-        self.metrics.close()
+            self.eval_results = self.evaluate()
+            acc.log(self.eval_results, step=self.step)
+        for tracker in acc.trackers:  # not end_training(): it ends the process group too, which
+            tracker.finish()  # belongs to the caller (evaluation, saving may follow)
         return history
+
+    def summary(self, history: list[dict[str, float]]) -> str:
+        """What a run did and where its outputs are, for the end of `opsd train`."""
+        lines = [f"opsd train: {self.step} of {self.config.max_steps} steps ({self.config.method})"]
+        if history:
+            lines[0] += f"; final loss {history[-1]['loss']:.4f}"
+        if self.eval_results is not None:
+            lines.append(f"  eval accuracy {self.eval_results['eval_accuracy']:.1%} on "
+                         f"{self.eval_results['eval_problems']} problems (greedy)")
+        found = sorted((self.output_dir / checkpoint.CHECKPOINTS).glob("checkpoint_*"))
+        lines += [f"  model:       {self.output_dir / 'final'}",
+                  f"  metrics:     {self.output_dir / 'metrics.jsonl'}",
+                  f"  checkpoints: {len(found)} in {self.output_dir / checkpoint.CHECKPOINTS}"]
+        return "\n".join(lines)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
@@ -197,17 +247,24 @@ class OPSDTrainer:
                 totals[key] = totals.get(key, 0) + value.float()
         if c.method == "opsd":
             totals["correct"], totals["responses"] = self._accuracy_counts(batches, device)
-        grad_norm = None
-        if c.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(self.params, c.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.teacher.update()
-        self.step += 1
         keys = sorted(totals)
         reduced = dict(zip(keys, acc.reduce(torch.stack([totals[k] for k in keys]),
                                             reduction="sum").tolist(), strict=True))
+        # The norm is measured every step (an infinite limit clips nothing) to catch NaN / Inf.
+        limit = math.inf if c.max_grad_norm is None else c.max_grad_norm
+        grad_norm = float(acc.clip_grad_norm_(self.params, limit))
+        applied = self.nonfinite.allow(self.step + 1, reduced["loss"], grad_norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if applied:
+            self.teacher.update()
+        else:
+            self._print(f"step {self.step + 1}: loss {reduced['loss']}, grad norm {grad_norm}: "
+                        f"not finite, update skipped ({self.nonfinite.in_a_row} in a row; "
+                        f"training stops at {self.config.max_nonfinite_steps})")
+        self.step += 1
         elapsed = time.perf_counter() - started
         tokens = reduced["tokens"]
         record = {"loss": reduced["loss"], "learning_rate": self.scheduler.get_last_lr()[0],
@@ -220,8 +277,9 @@ class OPSDTrainer:
                 record[key] = reduced[key] / tokens
         if "correct" in reduced:
             record["accuracy"] = reduced["correct"] / reduced["responses"]
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        record["grad_norm"] = grad_norm
+        if not applied:
+            record["skipped"] = 1
         return record
 
     def _accuracy_counts(self, batches: list[RolloutBatch],
@@ -233,34 +291,21 @@ class OPSDTrainer:
                 torch.tensor(float(total), device=device))
 
     def _correct(self, responses: list[list[int]], answers: list[str | None]) -> int:
-        """How many decoded responses end in the matching boxed answer."""
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        return sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))
+        return count_correct(self.tokenizer, responses, answers)
 
     # --- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, problems: list[EncodedProblem] | None = None,
                  prompt: Literal["student", "teacher"] = "student", *, num_samples: int = 1,
                  temperature: float = 0.0) -> dict[str, float]:
-        """Answer accuracy and response length on the eval problems (split across processes):
-        greedy by default, else the mean over ``num_samples`` samples at ``temperature``; under
-        the student prompt, or the teacher's (what the teacher would answer)."""
+        """`opsd_kernels.trainer.evaluate.evaluate` on this trainer's model, engine and
+        processes; ``problems`` default to the eval problems."""
         problems = problems if problems is not None else self.eval_problems
         if not problems:
             raise ValueError("evaluate: no eval problems (pass eval_dataset)")
-        acc = self.accelerator
-        mine = problems[acc.process_index::acc.num_processes]
-        c = self.config
-        params = SamplingParams(num_samples, temperature, c.rollout_top_p, c.rollout_top_k,
-                                c.eval_max_new_tokens or c.max_new_tokens)
-        prompts = [p.student if prompt == "student" else p.teacher for p in mine]
-        responses = self.engine.generate(prompts, params) if mine else []
-        correct = self._correct(responses, [p.answer for p in mine for _ in range(num_samples)])
-        counts = torch.tensor([float(correct), float(len(responses)),
-                               float(sum(len(r) for r in responses))], device=acc.device)
-        correct, total, tokens = acc.reduce(counts, reduction="sum").tolist()
-        return {"eval_accuracy": correct / total, "eval_response_length": tokens / total,
-                "eval_problems": int(total) // num_samples}
+        return evaluate(self.model, self.tokenizer, problems, self.config, engine=self.engine,
+                        accelerator=self.accelerator, prompt=prompt, num_samples=num_samples,
+                        temperature=temperature)
 
     # --- saving --------------------------------------------------------------------------
 
@@ -268,26 +313,17 @@ class OPSDTrainer:
         """The model (or LoRA adapter) and tokenizer in Hugging Face format."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            save_model(self.accelerator.unwrap_model(self.objective).model, self.tokenizer,
-                       Path(directory))
+            checkpoint.save_model(self.accelerator.unwrap_model(self.objective).model,
+                                  self.tokenizer, Path(directory))
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
-        self.accelerator.wait_for_everyone()
-        path = self.output_dir / f"checkpoint-{self.step}"
-        if self.is_main:
-            save_checkpoint(self.output_dir, model=self.model, tokenizer=self.tokenizer,
-                            optimizer=self.optimizer, scheduler=self.scheduler,
-                            teacher_state=self.teacher.state_dict(), step=self.step)
-        self.accelerator.wait_for_everyone()
-        return path
+        """Model, optimizer, scheduler, step and teacher, by accelerate's ``save_state``."""
+        return checkpoint.save_checkpoint(self.accelerator, self.output_dir, self.step)
 
     def resume_from(self, path: str | Path) -> None:
-        step, teacher_state = load_checkpoint(Path(path), model=self.model,
-                                              optimizer=self.optimizer, scheduler=self.scheduler)
-        self.teacher.load_state_dict(teacher_state)
-        self.step = step
-        self._print(f"resumed from {path} at step {step}")
+        self.accelerator.load_state(str(path))
+        self._print(f"resumed from {path} at step {self.step}")
 
     def _print(self, message: str) -> None:
         if self.is_main:
@@ -298,4 +334,8 @@ def _is_problems(dataset: Any) -> bool:
     return isinstance(dataset, list) and bool(dataset) and isinstance(dataset[0], Problem)
 
 
-
+def _one_line(step: int, max_steps: int, record: dict[str, float]) -> str:
+    """A logged step when there is no progress bar."""
+    shown = [f"{k} {record[k]:.4g}" for k in ("loss", "divergence", "accuracy", "grad_norm")
+             if k in record]
+    return f"step {step}/{max_steps}: " + ", ".join(shown)
