@@ -17,12 +17,17 @@ loss is the same for every method and is stated once:
 
 The loss's part (logits of both roles over the completion tokens, what the backward needs):
 
-| method | holds at its peak |
-|---|---|
-| naive (TRL's `generalized_jsd_loss` on full logits) | both roles' bf16 logits [T, V]; fp32 log p, log q, the mixture and the logits' gradient [T, V] each; the gathered bf16 head |
-| Liger chunked (`LigerFusedLinearJSDLoss`) | per 1024-row chunk: both roles' fp32 logits and about four more fp32 [chunk, V] tensors (softmaxes, mixture, gradient); the fp32 hidden gradient [T, H]; the gathered bf16 head and its fp32 gradient |
-| opsd fused (this library, head gathered by the engine) | a 512 MiB fp32 workspace (both roles' chunk logits, the gradient written in place); the bf16 hidden gradient [T, H]; the gathered bf16 head and its fp32 gradient |
-| opsd vocabulary-parallel (head rows split over the GPUs, never gathered) | the same workspace over V / GPUs columns; the fp32 hidden gradient [T, H] (all-reduced); this GPU's head rows (bf16) and their fp32 gradient |
+- naive (TRL's `generalized_jsd_loss` on full logits): both roles' bf16 logits [T, V]; fp32
+  log p, log q, the mixture and the logits' gradient [T, V] each; the gathered bf16 head;
+- Liger chunked (`LigerFusedLinearJSDLoss`): per 1024-row chunk, both roles' fp32 logits and
+  about four more fp32 [chunk, V] tensors (softmaxes, mixture, gradient); the fp32 hidden
+  gradient [T, H]; the gathered bf16 head and its fp32 gradient;
+- opsd fused (this library, the head gathered by the engine): a 512 MiB fp32 workspace (both
+  roles' chunk logits, the gradient written in place); the bf16 hidden gradient [T, H]; the
+  gathered bf16 head and its fp32 gradient;
+- opsd vocabulary-parallel (head rows split over the GPUs, never gathered): the same workspace
+  over V / GPUs columns; the fp32 hidden gradient [T, H] (all-reduced); this GPU's head rows
+  (bf16) and their fp32 gradient.
 
 T counts the completion tokens of one GPU's micro-batch (rollouts x problems per GPU x
 completion length). Peaks of different phases do not add up in reality (the loss runs after
