@@ -1,4 +1,4 @@
-"""The native row step: the compiled extension opsd_kernels._C (csrc/, python/bindings.cpp).
+"""The loader of the compiled extension opsd_kernels._C (csrc/, python/bindings.cpp).
 
 The extension is optional. It is imported on first use, never by `import opsd_kernels`, and a
 failure is recorded rather than raised: `native_status()` says why it is missing (quoting
@@ -15,8 +15,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
-from opsd_kernels.row_options import KIND_CODES, RowOptions
 
 _MODULE = "opsd_kernels._C"
 _OP = "opsd::divergence_rows_native_"
@@ -86,25 +84,3 @@ def device_error(device: torch.device) -> str | None:
     if device.type == "cpu" or (device.type == "cuda" and module.has_cuda):
         return None
     return f"{_MODULE} has no kernels for {device.type} tensors (built without CUDA kernels)"
-
-
-def divergence_rows_native_(
-    s: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    coef: torch.Tensor,
-    stats: torch.Tensor,
-    opts: RowOptions,
-    write_grad: bool,
-) -> None:
-    """The row step of `divergence_rows_torch_` / `divergence_rows_triton_`, compiled.
-
-    s, t: fp32 or bf16 [C, V] with unit column stride (s is overwritten with
-    coef_i * d D_i / d z_S when write_grad, and left untouched otherwise); labels int64 [C]
-    or None; coef fp32 [C]; stats fp32 [C, NUM_STATS]. Contract: csrc/divergence.h."""
-    module, why = _load()
-    if module is None:
-        raise RuntimeError(f"backend='native' cannot run: {why}")
-    torch.ops.opsd.divergence_rows_native_(
-        s, t, labels, coef, stats, KIND_CODES[opts.kind], opts.beta, opts.inv_tau_s,
-        opts.inv_tau_t, opts.clip, opts.softcap, opts.ignore_index, write_grad)

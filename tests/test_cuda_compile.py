@@ -33,7 +33,7 @@ import test_divergence as td
 import torch
 from conftest import assert_close
 
-from opsd_kernels.row_options import KIND_CODES, RowOptions
+from opsd_kernels.divergence_options import KIND_CODES, RowOptions
 from opsd_kernels.types import NUM_STATS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import torch
 from conftest import HAS_TRITON, assert_close, generator, randn
 
 from opsd_kernels._native import device_error
-from opsd_kernels.row_options import KIND_CODES, RowOptions
+from opsd_kernels.divergence_options import KIND_CODES, RowOptions
 from opsd_kernels.types import NUM_STATS
 
 CUDA = torch.device("cuda")
@@ -45,7 +45,7 @@ def _opts(kind: str, beta: float, **kw) -> RowOptions:
 
 
 def cuda_step(s, t, labels, coef, stats, opts: RowOptions, write_grad: bool) -> None:
-    from opsd_kernels._native import divergence_rows_native_
+    from opsd_kernels.ops.divergence_native import divergence_rows_native_
 
     divergence_rows_native_(s, t, labels, coef, stats, opts, write_grad)
 

@@ -23,10 +23,10 @@ from conftest import (
     randn,
 )
 
-from opsd_kernels.chunked import TopK, run_row_step
+from opsd_kernels.divergence_driver import TopK, run_row_step
+from opsd_kernels.divergence_options import RowOptions
+from opsd_kernels.ops.divergence_torch import divergence_rows_torch_
 from opsd_kernels.reference.divergence import reference_stats
-from opsd_kernels.reference.rows import divergence_rows_torch_
-from opsd_kernels.row_options import RowOptions
 from opsd_kernels.types import NUM_STATS, STAT_NAMES
 
 STEPS = {"torch": divergence_rows_torch_}
@@ -35,7 +35,7 @@ if HAS_TRITON:
 
     STEPS["triton"] = divergence_rows_triton_
 if HAS_NATIVE:
-    from opsd_kernels._native import divergence_rows_native_
+    from opsd_kernels.ops.divergence_native import divergence_rows_native_
 
     STEPS["native"] = divergence_rows_native_
 STEP_NAMES = list(STEPS)

@@ -37,8 +37,9 @@ from conftest import (
 from test_divergence import IGNORE, KIND_IDS, KINDS, OPTIONS, _check, _expected, _opts
 from test_divergence import _block as _device_block
 
-from opsd_kernels._native import device_error, divergence_rows_native_
-from opsd_kernels.row_options import KIND_CODES, RowOptions
+from opsd_kernels._native import device_error
+from opsd_kernels.divergence_options import KIND_CODES, RowOptions
+from opsd_kernels.ops.divergence_native import divergence_rows_native_
 from opsd_kernels.types import NUM_STATS, STAT_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +201,8 @@ def test_every_kernel_build_agrees(tmp_path):
     code = textwrap.dedent("""
         import sys, torch
         from opsd_kernels import _native
-        from opsd_kernels.row_options import RowOptions
+        from opsd_kernels.ops.divergence_native import divergence_rows_native_
+        from opsd_kernels.divergence_options import RowOptions
         assert _native.native_status() is None, _native.native_status()
         g = torch.Generator().manual_seed(0)
         s = torch.randn(13, 301, generator=g) * 3
@@ -213,7 +215,7 @@ def test_every_kernel_build_agrees(tmp_path):
                                 ("reverse_kl", None, None), ("sampled", None, 2.0)]:
             opts = RowOptions.make(kind, 0.4, 0.8, 1.3, clip, cap, -100)
             s_out, stats = s.clone(), torch.full((13, 7), float("nan"))
-            _native.divergence_rows_native_(s_out, t, labels, coef, stats, opts, True)
+            divergence_rows_native_(s_out, t, labels, coef, stats, opts, True)
             out[kind] = (stats, s_out)
         torch.save(out, sys.argv[1])
     """)

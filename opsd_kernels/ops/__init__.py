@@ -1,1 +1,2 @@
-"""Triton kernels and their launchers, one file per op."""
+"""Every backend's implementation of an op: Triton kernels and their launchers, the native
+launcher, the PyTorch form (divergence_torch.py, the CPU fallback)."""

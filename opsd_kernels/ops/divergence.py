@@ -29,13 +29,21 @@ import torch
 import triton
 import triton.language as tl
 
-from opsd_kernels.row_options import KIND_CODES, RowOptions
+from opsd_kernels.divergence_options import KIND_CODES, RowOptions
+from opsd_kernels.types import StatColumn
 
-# The codes of KIND_CODES (row_options.py), shared with the native kernels.
-FORWARD_KL: tl.constexpr = tl.constexpr(0)
-REVERSE_KL: tl.constexpr = tl.constexpr(1)
-JSD: tl.constexpr = tl.constexpr(2)
-SAMPLED: tl.constexpr = tl.constexpr(3)
+# Kind codes and stats columns from their one Python definition (shared with the native kernels).
+FORWARD_KL: tl.constexpr = tl.constexpr(KIND_CODES["forward_kl"])
+REVERSE_KL: tl.constexpr = tl.constexpr(KIND_CODES["reverse_kl"])
+JSD: tl.constexpr = tl.constexpr(KIND_CODES["jsd"])
+SAMPLED: tl.constexpr = tl.constexpr(KIND_CODES["sampled"])
+STAT_DIVERGENCE: tl.constexpr = tl.constexpr(int(StatColumn.divergence))
+STAT_STUDENT_ENTROPY: tl.constexpr = tl.constexpr(int(StatColumn.student_entropy))
+STAT_TEACHER_ENTROPY: tl.constexpr = tl.constexpr(int(StatColumn.teacher_entropy))
+STAT_STUDENT_LSE: tl.constexpr = tl.constexpr(int(StatColumn.student_lse))
+STAT_TEACHER_LSE: tl.constexpr = tl.constexpr(int(StatColumn.teacher_lse))
+STAT_STUDENT_LOGPROB: tl.constexpr = tl.constexpr(int(StatColumn.student_logprob))
+STAT_TEACHER_LOGPROB: tl.constexpr = tl.constexpr(int(StatColumn.teacher_logprob))
 
 # A finite floor for running maxima: exp(-inf - floor) = 0 where exp(-inf - -inf) would be NaN.
 _FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
@@ -199,13 +207,13 @@ def divergence_rows_kernel(
     if KIND == SAMPLED:
         loss = -advantage * logp_y
     out = stats_ptr + row * NUM_STATS
-    tl.store(out + 0, tl.where(valid, loss, 0.0))
-    tl.store(out + 1, tl.where(valid, h_p, 0.0))
-    tl.store(out + 2, tl.where(valid, h_q, 0.0))
-    tl.store(out + 3, tl.where(valid, m_s + log_z_s, 0.0))
-    tl.store(out + 4, tl.where(valid, m_t + log_z_t, 0.0))
-    tl.store(out + 5, tl.where(valid, logp_y, 0.0))
-    tl.store(out + 6, tl.where(valid, logq_y, 0.0))
+    tl.store(out + STAT_DIVERGENCE, tl.where(valid, loss, 0.0))
+    tl.store(out + STAT_STUDENT_ENTROPY, tl.where(valid, h_p, 0.0))
+    tl.store(out + STAT_TEACHER_ENTROPY, tl.where(valid, h_q, 0.0))
+    tl.store(out + STAT_STUDENT_LSE, tl.where(valid, m_s + log_z_s, 0.0))
+    tl.store(out + STAT_TEACHER_LSE, tl.where(valid, m_t + log_z_t, 0.0))
+    tl.store(out + STAT_STUDENT_LOGPROB, tl.where(valid, logp_y, 0.0))
+    tl.store(out + STAT_TEACHER_LOGPROB, tl.where(valid, logq_y, 0.0))
 
 
 def divergence_rows_triton_(

@@ -1,9 +1,12 @@
-"""Forward-and-backward in one sweep over row chunks, from hidden states or from logits.
+"""The divergence ops' driver: one forward-and-backward sweep over chunks of rows, from hidden
+states or from logits, shared by every backend. Its workspace is O(chunk x V), whatever N is.
 
 Per chunk: fp32 logits of both roles (one GEMM on [h_S; h_T] when the head is shared), the row
-step writes coef * d loss / d z_S over the student logits, then grad h_S = G W and, only when
-asked, grad W += G^T h_S and grad b_S += sum_rows G. Gradients are finished here; the autograd
-backward only scales them. Nothing synchronises with the host.
+step (Triton kernel, native kernel or PyTorch form, picked by `row_step_for`) writes
+coef * d loss / d z_S over the student logits, then grad h_S = G W and, only when asked,
+grad W += G^T h_S and grad b_S += sum_rows G. Gradients are finished here; the autograd
+backward only scales them. Nothing synchronises with the host. Top-k supports wrap the same
+row step (divergence_top_k.py).
 """
 
 from __future__ import annotations
@@ -12,8 +15,75 @@ import functools
 
 import torch
 
-from opsd_kernels.chunked import TopK, chunk_rows, row_step_for, run_row_step, stats_buffer
-from opsd_kernels.row_options import RowOptions
+from opsd_kernels.divergence_options import RowOptions, TopK
+from opsd_kernels.divergence_top_k import RowStep, top_k_row_step
+from opsd_kernels.ops.divergence_torch import divergence_rows_torch_
+from opsd_kernels.types import NUM_STATS
+
+# Default workspace for one chunk (logits of both roles plus the row step's temporaries). On a
+# GPU it must hold enough rows to keep the GEMMs efficient; on a CPU smaller chunks stay in
+# cache and keep the peak low.
+DEFAULT_WORKSPACE_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
+# fp32 [rows, V] buffers per row beyond the two logits blocks: the PyTorch row step keeps a few
+# temporaries alive; the Triton and native kernels keep none (native: three rows per thread).
+_EXTRA_ROW_BUFFERS = {"torch": 8, "triton": 0, "native": 0}
+# On CPU the native chunk is sized as if it kept two: its peak then stays below the PyTorch
+# step's at the same budget (whose 8 is a bound it does not reach), for ~10% more GEMM time
+# than a full-budget chunk (every chunk re-reads the head; bench/bench_native.py).
+_CPU_EXTRA_ROW_BUFFERS = {**_EXTRA_ROW_BUFFERS, "native": 2}
+
+
+def extra_row_buffers(backend: str, device: torch.device) -> int:
+    table = _EXTRA_ROW_BUFFERS if device.type == "cuda" else _CPU_EXTRA_ROW_BUFFERS
+    return table.get(backend, 2)
+
+
+def row_step_for(backend: str) -> RowStep:
+    if backend == "triton":
+        from opsd_kernels.ops.divergence import divergence_rows_triton_
+
+        return divergence_rows_triton_
+    if backend == "torch":
+        return divergence_rows_torch_
+    if backend == "native":
+        from opsd_kernels.ops.divergence_native import divergence_rows_native_
+
+        return divergence_rows_native_
+    raise ValueError(f"backend: no row step for {backend!r}")
+
+
+def chunk_rows(
+    n_rows: int, vocab: int, backend: str, chunk_size: int | None, device: torch.device
+) -> int:
+    """Rows per chunk: the caller's choice, else as many as fit the default workspace."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, n_rows))
+    budget = DEFAULT_WORKSPACE_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    per_row = 4 * vocab * (2 + extra_row_buffers(backend, device))
+    return max(1, min(n_rows, budget // per_row))
+
+
+def run_row_step(
+    step: RowStep,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    coef: torch.Tensor,
+    stats: torch.Tensor,
+    opts: RowOptions,
+    write_grad: bool,
+    top_k: TopK | None,
+) -> None:
+    """One block of rows: stats, and coef * d loss / d z_S written over `s` if write_grad."""
+    if top_k is None:
+        step(s, t, labels, coef, stats, opts, write_grad)
+    else:
+        top_k_row_step(step, s, t, labels, coef, stats, opts, write_grad, top_k)
+
+
+def stats_buffer(n_rows: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(n_rows, NUM_STATS, dtype=torch.float32, device=device)
+
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

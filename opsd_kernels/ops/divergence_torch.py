@@ -1,4 +1,4 @@
-"""The per-row divergence step in plain PyTorch: the CPU fallback of `ops/divergence.py`.
+"""The per-row divergence step in plain PyTorch: the CPU fallback of the Triton kernel.
 
 Same contract as the Triton launcher `divergence_rows_triton_`: given raw logits of both roles
 for a block of rows, write per-row statistics and (optionally) d loss / d student logits over
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from opsd_kernels.row_options import RowOptions
+from opsd_kernels.divergence_options import RowOptions
+from opsd_kernels.types import DivergenceStats
 
 # Log-probabilities are floored here so that a zero probability (a -inf logit, or underflow)
 # times its log is 0 * finite = 0 rather than 0 * -inf = NaN; exp(_LOG_FLOOR) is exactly 0.
@@ -87,7 +88,9 @@ def divergence_rows_torch_(
         # d D / d s_j = g_j - p_j sum_v g_v  (g already zeroed on clipped terms)
         grad = g.addcmul_(p, g.sum(-1, keepdim=True), value=-1)
 
-    rows = torch.stack([loss, h_p, h_q, lse_s, lse_t, logp_y, logq_y], dim=-1)
+    rows = torch.stack(DivergenceStats(
+        divergence=loss, student_entropy=h_p, teacher_entropy=h_q, student_lse=lse_s,
+        teacher_lse=lse_t, student_logprob=logp_y, teacher_logprob=logq_y), dim=-1)
     if valid is not None:
         rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros_like(rows))
     stats.copy_(rows)
