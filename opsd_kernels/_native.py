@@ -16,6 +16,9 @@ from types import ModuleType
 
 import torch
 
+from opsd_kernels.divergence_options import KIND_NAMES
+from opsd_kernels.types import STAT_NAMES
+
 _MODULE = "opsd_kernels._C"
 _OP = "opsd::divergence_rows_native_"
 # Written by setup.py when it could not build the extension (absent after a good build).
@@ -48,7 +51,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
     except Exception as err:  # e.g. undefined symbols after a torch upgrade
         return None, (f"{_MODULE} failed to load ({type(err).__name__}: {err}); rebuild it: "
                       f"{_HOW}")
-    why = _version_error(module.torch_version, torch.__version__)
+    why = _version_error(module.torch_version, torch.__version__) or _constants_error(module)
     if why is not None:
         return None, why
     torch.library.register_fake(_OP)(_fake_row_step)
@@ -61,6 +64,18 @@ def _version_error(built: str, running: str) -> str | None:
     if built.split(".")[:2] == running.split(".")[:2]:
         return None
     return f"{_MODULE} was built against torch {built}, this is torch {running}; rebuild it: {_HOW}"
+
+
+def _constants_error(module: ModuleType) -> str | None:
+    # The kernels index kinds and stats columns by the numbers of csrc/divergence_options.h; a
+    # build whose order differs from Python's would silently mislabel every stat.
+    built = {"kind_names": tuple(module.kind_names), "stat_names": tuple(module.stat_names)}
+    here = {"kind_names": KIND_NAMES, "stat_names": STAT_NAMES}
+    for name, value in built.items():
+        if value != here[name]:
+            return (f"{_MODULE} was built with {name} {value}, this package has {here[name]}; "
+                    f"rebuild it: {_HOW}")
+    return None
 
 
 def native_status() -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from opsd_kernels import (
     divergence_driver,
     fused_linear_divergence,
 )
+from opsd_kernels.divergence_options import KIND_NAMES
+from opsd_kernels.types import STAT_NAMES, DivergenceStats
 
 MISSING = _native.native_status()
 requires_native = pytest.mark.skipif(MISSING is not None, reason=f"native: {MISSING}")
@@ -58,6 +61,23 @@ def test_version_mismatch_is_reported() -> None:
     assert _native._version_error("2.13.0", "2.13.1+cpu") is None
     why = _native._version_error("2.12.0", "2.13.0+cu128")
     assert why is not None and "built against torch 2.12.0, this is torch 2.13.0" in why
+
+
+@requires_native
+def test_native_constants_are_pythons() -> None:
+    """The kind codes and stats columns csrc/divergence_options.h defines are the Python ones."""
+    module = _native._load()[0]
+    assert tuple(module.kind_names) == KIND_NAMES
+    assert tuple(module.stat_names) == STAT_NAMES == DivergenceStats._fields
+    assert _native._constants_error(module) is None
+
+
+@pytest.mark.parametrize("name", ["kind_names", "stat_names"])
+def test_a_build_with_other_constants_is_refused(name: str) -> None:
+    swapped = {"kind_names": KIND_NAMES, "stat_names": STAT_NAMES}
+    swapped[name] = (swapped[name][1], swapped[name][0], *swapped[name][2:])
+    why = _native._constants_error(SimpleNamespace(**swapped))
+    assert why is not None and f"was built with {name}" in why and "rebuild it" in why
 
 
 @requires_native

@@ -13,7 +13,6 @@
 //            also computes the stats, from p and q                  (2 exp / column)
 // c = coef * d s / d z. Sums accumulate in fp32 lanes, flushed into a double every kFlush
 // vectors, so long rows do not lose the small terms.
-#define OPSD_ROW_OPTIONS_ONLY
 #include "divergence_kernel.h"
 
 #include <algorithm>
@@ -247,13 +246,13 @@ void divergence_row(const Row& r, const RowOptions& o) {
   }
 
   float* st = r.stats;
-  st[0] = KIND == kSampled ? -advantage * logp_y : loss.value();
-  st[1] = -plogp.value();
-  st[2] = -qlogq.value();
-  st[3] = r.m_s + lz_s;
-  st[4] = r.m_t + lz_t;
-  st[5] = logp_y;
-  st[6] = logq_y;
+  st[kStatDivergence] = KIND == kSampled ? -advantage * logp_y : loss.value();
+  st[kStatStudentEntropy] = -plogp.value();
+  st[kStatTeacherEntropy] = -qlogq.value();
+  st[kStatStudentLse] = r.m_s + lz_s;
+  st[kStatTeacherLse] = r.m_t + lz_t;
+  st[kStatStudentLogprob] = logp_y;
+  st[kStatTeacherLogprob] = logq_y;
 }
 
 using RowFn = void (*)(const Row&, const RowOptions&);
