@@ -6,7 +6,8 @@ step (Triton kernel, native kernel or PyTorch form, picked by `row_step_for`) wr
 coef * d loss / d z_S over the student logits, then grad h_S = G W and, only when asked,
 grad W += G^T h_S and grad b_S += sum_rows G. Gradients are finished here; the autograd
 backward only scales them. Nothing synchronises with the host. Top-k supports wrap the same
-row step (divergence_top_k.py).
+row step (divergence_top_k.py). From logits, the row step gets fp32 copies of each chunk, but
+for the native step, which reads bf16 logits as they are (and writes their bf16 gradient).
 """
 
 from __future__ import annotations
@@ -218,17 +219,35 @@ def logits_forward_backward(
     if need_grad:
         grad = torch.empty(n, vocab, dtype=logits_grad_dtype(student_logits.dtype),
                            device=student_logits.device)
+    # The native step reads bf16 rows itself and writes a bf16 gradient over them (fp32 math,
+    # rounded once, as the copy below would round it): bf16 logits need no fp32 copy there.
+    student_as_is = _native_reads_bf16(backend, top_k, student_logits.dtype)
+    teacher_as_is = _native_reads_bf16(backend, top_k, teacher_logits.dtype)
     rows = chunk_rows(n, vocab, backend, chunk_size, student_logits.device)
     # One fp32 workspace for every chunk (see fused_linear_forward_backward).
-    ws = torch.empty(min(rows, n), vocab, dtype=torch.float32, device=student_logits.device)
+    ws = None
+    if not student_as_is:
+        ws = torch.empty(min(rows, n), vocab, dtype=torch.float32, device=student_logits.device)
     for start in range(0, n, rows):
         end = min(start + rows, n)
-        # A copy even for fp32 input: the row step writes the gradient over it.
-        s = ws[: end - start].copy_(student_logits[start:end])
-        t = teacher_logits[start:end].float()
+        if ws is not None:
+            # A copy even for fp32 input: the row step writes the gradient over it.
+            s = ws[: end - start].copy_(student_logits[start:end])
+        elif grad is not None:
+            s = grad[start:end].copy_(student_logits[start:end])
+        else:
+            s = student_logits[start:end]  # only read without a gradient to write
+        t = teacher_logits[start:end]
+        t = t if teacher_as_is else t.float()
         labels_c = None if labels is None else labels[start:end]
         run_row_step(step, s, t, labels_c, coef[start:end], stats[start:end], opts, need_grad,
                      top_k)
-        if grad is not None:
+        if grad is not None and ws is not None:
             grad[start:end] = s
     return stats, grad
+
+
+def _native_reads_bf16(backend: str, top_k: TopK | None, dtype: torch.dtype) -> bool:
+    """Whether bf16 logits go to the row step as they are: the native step reads them on full
+    rows (top-k rows are gathered in fp32 anyway; the other steps take fp32 only)."""
+    return backend == "native" and top_k is None and dtype == torch.bfloat16

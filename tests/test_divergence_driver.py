@@ -1,11 +1,12 @@
 """The divergence ops' driver (`opsd_kernels.divergence_driver`): a workspace that does not
-grow with the tokens, results that do not depend on the chunking, and no host conversions in a
-forward or backward."""
+grow with the tokens, results that do not depend on the chunking, bf16 logits handed to the
+native step as they are, and no host conversions in a forward or backward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import HAS_NATIVE, NATIVE_MISSING
 
 import opsd_kernels
 from opsd_kernels import divergence, divergence_driver, fused_linear_divergence
@@ -105,6 +106,46 @@ def test_result_does_not_depend_on_chunk_size(fn_name: str, reduction: str, row_
         got = _all_outputs(fn_name, n, chunk_size, reduction)
         assert max(r for r, _, _ in row_blocks) == min(chunk_size, n)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+# --- bf16 logits and the native step ------------------------------------------------------------
+
+
+def _bf16_logits_run(top_k: int | None, need_grad: bool) -> list[torch.Tensor]:
+    g = _gen(50)
+    s = (torch.randn(9, 301, generator=g) * 3).bfloat16().requires_grad_(need_grad)
+    t = (torch.randn(9, 301, generator=g) * 3).bfloat16()
+    labels = torch.randint(0, 301, (9,), generator=g)
+    labels[4] = -100
+    loss, stats = divergence(s, t, labels=labels, backend="native", chunk_size=4, top_k=top_k,
+                             divergence="jsd", beta=0.3, return_stats=True)
+    out = [loss.detach(), *stats]
+    if need_grad:
+        loss.backward()
+        out.append(s.grad)
+    return out
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason=f"native: {NATIVE_MISSING}")
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_native_reads_bf16_logits_without_an_fp32_copy(need_grad: bool, monkeypatch,
+                                                       row_blocks) -> None:
+    """The native step gets bf16 rows of both roles (and writes the bf16 gradient over its own
+    copy of the student's), with the results of the fp32-copy path to the last bit."""
+    got = _bf16_logits_run(None, need_grad)
+    assert {(dt_s, dt_t) for _, dt_s, dt_t in row_blocks} == {(torch.bfloat16, torch.bfloat16)}
+    monkeypatch.setattr(divergence_driver, "_native_reads_bf16", lambda *args: False)
+    row_blocks.clear()
+    want = _bf16_logits_run(None, need_grad)
+    assert {(dt_s, dt_t) for _, dt_s, dt_t in row_blocks} == {(torch.float32, torch.float32)}
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason=f"native: {NATIVE_MISSING}")
+def test_top_k_rows_stay_fp32_for_the_native_step(row_blocks) -> None:
+    _bf16_logits_run(5, True)
+    assert {(dt_s, dt_t) for _, dt_s, dt_t in row_blocks} == {(torch.float32, torch.float32)}
 
 
 # --- no host synchronisation ----------------------------------------------------------------------
