@@ -1,6 +1,7 @@
 """The per-row divergence step: `divergence_rows_torch_`, the Triton kernel's launcher
 `divergence_rows_triton_` and the native one `divergence_rows_native_` (when built), on fp32
-[C, V] blocks, against the float64 oracle (bf16 blocks and the native build: test_native.py).
+[C, V] blocks, against the float64 oracle (bf16 blocks and the native build:
+test_divergence_native.py).
 
 Contract (every step): fill `stats` [C, NUM_STATS] completely (0 on masked rows) and, with
 write_grad, overwrite the student logits with coef_i * d D_i / d z_S (0 on masked rows).

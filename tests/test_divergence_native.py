@@ -1,4 +1,4 @@
-"""The native row step (`opsd_kernels._native`, csrc/cpu) against the float64 oracle.
+"""The native row step (`ops/divergence_native.py`, csrc/cpu) against the float64 oracle.
 
 test_divergence.py already runs every row-step case (fp32, small blocks) on the native step
 too; this file adds what only the compiled kernel has: bf16 blocks, blocks large and odd enough
