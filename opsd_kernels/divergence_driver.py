@@ -17,7 +17,7 @@ import functools
 import torch
 
 from opsd_kernels.divergence_options import RowOptions, TopK
-from opsd_kernels.divergence_top_k import RowStep, top_k_row_step
+from opsd_kernels.divergence_top_k import RowStep, with_top_k
 from opsd_kernels.ops.divergence_torch import divergence_rows_torch_
 from opsd_kernels.types import NUM_STATS
 
@@ -62,24 +62,6 @@ def chunk_rows(
     budget = DEFAULT_WORKSPACE_BYTES["cuda" if device.type == "cuda" else "cpu"]
     per_row = 4 * vocab * (2 + extra_row_buffers(backend, device))
     return max(1, min(n_rows, budget // per_row))
-
-
-def run_row_step(
-    step: RowStep,
-    s: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    coef: torch.Tensor,
-    stats: torch.Tensor,
-    opts: RowOptions,
-    write_grad: bool,
-    top_k: TopK | None,
-) -> None:
-    """One block of rows: stats, and coef * d loss / d z_S written over `s` if write_grad."""
-    if top_k is None:
-        step(s, t, labels, coef, stats, opts, write_grad)
-    else:
-        top_k_row_step(step, s, t, labels, coef, stats, opts, write_grad, top_k)
 
 
 def stats_buffer(n_rows: int, device: torch.device) -> torch.Tensor:
@@ -139,7 +121,7 @@ def fused_linear_forward_backward(
     (fp32; the caller casts them to the inputs' dtypes)."""
     n, vocab = h_s.shape[0], w.shape[0]
     need_grad_bs = need_grad_bs and b_s is not None
-    step = row_step_for(backend)
+    step = with_top_k(row_step_for(backend), top_k)
     stats = stats_buffer(n, h_s.device)
     write_grad = need_grad_h or need_grad_w or need_grad_bs
     # Gradients stay fp32 until backward has scaled them: an fp16 gradient stored unscaled
@@ -174,8 +156,7 @@ def fused_linear_forward_backward(
             s = _logits_fp32(h_c, w_mm, b_s, None if ws is None else ws[:m])
             t = _logits_fp32(h_t[start:end], w_t_mm, b_t, None if ws is None else ws[rows:rows + m])
         labels_c = None if labels is None else labels[start:end]
-        run_row_step(step, s, t, labels_c, coef[start:end], stats[start:end], opts, write_grad,
-                     top_k)
+        step(s, t, labels_c, coef[start:end], stats[start:end], opts, write_grad)
         if not write_grad:
             continue
         if grad_h is not None:
@@ -213,7 +194,7 @@ def logits_forward_backward(
     The only [N, V] buffer is the gradient itself; fp32 work happens in one chunk at a time.
     """
     n, vocab = student_logits.shape
-    step = row_step_for(backend)
+    step = with_top_k(row_step_for(backend), top_k)
     stats = stats_buffer(n, student_logits.device)
     grad = None
     if need_grad:
@@ -240,8 +221,7 @@ def logits_forward_backward(
         t = teacher_logits[start:end]
         t = t if teacher_as_is else t.float()
         labels_c = None if labels is None else labels[start:end]
-        run_row_step(step, s, t, labels_c, coef[start:end], stats[start:end], opts, need_grad,
-                     top_k)
+        step(s, t, labels_c, coef[start:end], stats[start:end], opts, need_grad)
         if grad is not None and ws is not None:
             grad[start:end] = s
     return stats, grad

@@ -11,7 +11,8 @@ Missing optional gradients travel as empty tensors (custom ops cannot return Non
 
 Each op's inputs are its tensors, every field of `DivergenceOptions`, then its flags; the
 `*_INPUTS` objects below write the schemas and name the inputs and gradients (see
-divergence_options.py), so nothing here counts positions.
+divergence_options.py), so nothing here counts positions. Both loss ops share one autograd
+registration, and both per-token ops another (`_register_*_autograd`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ LINEAR_LOSS_INPUTS = OpInputs({**_HIDDEN_STATES, "coef": "Tensor", **_BIASES},
 LINEAR_ROWS_INPUTS = OpInputs({**_HIDDEN_STATES, **_BIASES})
 LOGITS_LOSS_INPUTS = OpInputs({**_LOGITS, "coef": "Tensor"}, flags=("need_grad",))
 LOGITS_ROWS_INPUTS = OpInputs(_LOGITS)
+# The inputs that get gradients, each with the flag of the loss op that asks for it; the loss
+# ops return their gradients in this order after (loss, stats).
+_LINEAR_TRAINABLE = {"student_hidden": "need_grad_h", "weight": "need_grad_w",
+                     "student_bias": "need_grad_bs"}
+_LOGITS_TRAINABLE = {"student_logits": "need_grad"}
 
 
 def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
@@ -53,6 +59,51 @@ def _scaled(grad: Tensor, grad_output: Tensor, dtype: torch.dtype | None) -> Ten
     if dtype is None or grad.numel() == 0:
         return None
     return (grad * grad_output.float()).to(dtype)
+
+
+def _register_loss_autograd(op, spec: OpInputs, trainable: dict[str, str]) -> None:
+    """The loss ops' gradients are finished in the forward: backward only scales them."""
+
+    def setup_context(ctx, inputs, output):
+        _, stats, *grads = output
+        ctx.mark_non_differentiable(stats, *grads)
+        ctx.save_for_backward(*grads)
+        # The dtype each stored gradient is cast to, after scaling (never before: see
+        # divergence_driver.py).
+        a = spec.parse(inputs)
+        ctx.dtypes = [None if getattr(a, name) is None else getattr(a, name).dtype
+                      for name in trainable]
+
+    def backward(ctx, grad_loss, *_unused):
+        need = spec.parse(ctx.needs_input_grad)
+        return spec.grads(**{
+            name: _scaled(grad, grad_loss, dtype if getattr(need, name) else None)
+            for name, grad, dtype in zip(trainable, ctx.saved_tensors, ctx.dtypes, strict=True)})
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def _register_rows_autograd(op, spec: OpInputs, loss_op, loss_spec: OpInputs,
+                            trainable: dict[str, str]) -> None:
+    """The per-token ops' backward is the loss op's sweep with coef = d out / d D_i."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        a = spec.parse(inputs)
+        ctx.save_for_backward(*(getattr(a, name) for name in spec.tensors))
+        ctx.options = spec.options(inputs)
+
+    def backward(ctx, grad_rows, _grad_stats):
+        saved = dict(zip(spec.tensors, ctx.saved_tensors, strict=True))
+        need = spec.parse(ctx.needs_input_grad)
+        flags = {flag: getattr(need, name) for name, flag in trainable.items()}
+        _, _, *grads = loss_op(*loss_spec.pack(
+            ctx.options, **saved, coef=grad_rows.float().contiguous(), **flags))
+        return spec.grads(**{name: grad.to(saved[name].dtype)
+                             for (name, flag), grad in zip(trainable.items(), grads, strict=True)
+                             if flags[flag]})
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 # --- from hidden states -------------------------------------------------------------------------
@@ -83,31 +134,7 @@ def _(*inputs):
     return coef.new_empty(()), coef.new_empty((n, NUM_STATS)), gh, gw, gb
 
 
-def _setup_linear_loss(ctx, inputs, output):
-    _, stats, *grads = output
-    ctx.mark_non_differentiable(stats, *grads)
-    ctx.save_for_backward(*grads)
-    # The dtype each stored gradient is cast to, after scaling (never before: see
-    # divergence_driver.py).
-    a = LINEAR_LOSS_INPUTS.parse(inputs)
-    ctx.dtypes = (a.student_hidden.dtype, a.weight.dtype,
-                  None if a.student_bias is None else a.student_bias.dtype)
-
-
-def _backward_linear_loss(ctx, grad_loss, *_unused):
-    gh, gw, gb = ctx.saved_tensors
-    need = LINEAR_LOSS_INPUTS.parse(ctx.needs_input_grad)
-    dtype_h, dtype_w, dtype_b = ctx.dtypes
-    return LINEAR_LOSS_INPUTS.grads(
-        student_hidden=_scaled(gh, grad_loss, dtype_h if need.student_hidden else None),
-        weight=_scaled(gw, grad_loss, dtype_w if need.weight else None),
-        student_bias=_scaled(gb, grad_loss, dtype_b if need.student_bias else None),
-    )
-
-
-fused_linear_divergence_op.register_autograd(
-    _backward_linear_loss, setup_context=_setup_linear_loss
-)
+_register_loss_autograd(fused_linear_divergence_op, LINEAR_LOSS_INPUTS, _LINEAR_TRAINABLE)
 
 
 @torch.library.custom_op("opsd::fused_linear_divergence_rows", mutates_args=(),
@@ -131,30 +158,8 @@ def _(*inputs):
     return h.new_empty((n,), dtype=torch.float32), h.new_empty((n, NUM_STATS), dtype=torch.float32)
 
 
-def _setup_linear_rows(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    a = LINEAR_ROWS_INPUTS.parse(inputs)
-    ctx.save_for_backward(*(getattr(a, name) for name in LINEAR_ROWS_INPUTS.tensors))
-    ctx.options = LINEAR_ROWS_INPUTS.options(inputs)
-
-
-def _backward_linear_rows(ctx, grad_rows, _grad_stats):
-    saved = dict(zip(LINEAR_ROWS_INPUTS.tensors, ctx.saved_tensors, strict=True))
-    need = LINEAR_ROWS_INPUTS.parse(ctx.needs_input_grad)
-    _, _, gh, gw, gb = fused_linear_divergence_op(*LINEAR_LOSS_INPUTS.pack(
-        ctx.options, **saved, coef=grad_rows.float().contiguous(),
-        need_grad_h=need.student_hidden, need_grad_w=need.weight,
-        need_grad_bs=need.student_bias))
-    return LINEAR_ROWS_INPUTS.grads(
-        student_hidden=gh.to(saved["student_hidden"].dtype) if need.student_hidden else None,
-        weight=gw.to(saved["weight"].dtype) if need.weight else None,
-        student_bias=gb.to(saved["student_bias"].dtype) if need.student_bias else None,
-    )
-
-
-fused_linear_divergence_rows_op.register_autograd(
-    _backward_linear_rows, setup_context=_setup_linear_rows
-)
+_register_rows_autograd(fused_linear_divergence_rows_op, LINEAR_ROWS_INPUTS,
+                        fused_linear_divergence_op, LINEAR_LOSS_INPUTS, _LINEAR_TRAINABLE)
 
 
 # --- from logits --------------------------------------------------------------------------------
@@ -183,21 +188,7 @@ def _(*inputs):
     return coef.new_empty(()), coef.new_empty((s.shape[0], NUM_STATS)), grad
 
 
-def _setup_logits_loss(ctx, inputs, output):
-    _, stats, grad = output
-    ctx.mark_non_differentiable(stats, grad)
-    ctx.save_for_backward(grad)
-    ctx.dtype = LOGITS_LOSS_INPUTS.parse(inputs).student_logits.dtype
-
-
-def _backward_logits_loss(ctx, grad_loss, *_unused):
-    (grad,) = ctx.saved_tensors
-    need = LOGITS_LOSS_INPUTS.parse(ctx.needs_input_grad)
-    return LOGITS_LOSS_INPUTS.grads(
-        student_logits=_scaled(grad, grad_loss, ctx.dtype if need.student_logits else None))
-
-
-divergence_op.register_autograd(_backward_logits_loss, setup_context=_setup_logits_loss)
+_register_loss_autograd(divergence_op, LOGITS_LOSS_INPUTS, _LOGITS_TRAINABLE)
 
 
 @torch.library.custom_op("opsd::divergence_rows", mutates_args=(),
@@ -219,20 +210,5 @@ def _(*inputs):
     return s.new_empty((n,), dtype=torch.float32), s.new_empty((n, NUM_STATS), dtype=torch.float32)
 
 
-def _setup_logits_rows(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    a = LOGITS_ROWS_INPUTS.parse(inputs)
-    ctx.save_for_backward(*(getattr(a, name) for name in LOGITS_ROWS_INPUTS.tensors))
-    ctx.options = LOGITS_ROWS_INPUTS.options(inputs)
-
-
-def _backward_logits_rows(ctx, grad_rows, _grad_stats):
-    if not LOGITS_ROWS_INPUTS.parse(ctx.needs_input_grad).student_logits:
-        return LOGITS_ROWS_INPUTS.grads()
-    saved = dict(zip(LOGITS_ROWS_INPUTS.tensors, ctx.saved_tensors, strict=True))
-    _, _, grad = divergence_op(*LOGITS_LOSS_INPUTS.pack(
-        ctx.options, **saved, coef=grad_rows.float().contiguous(), need_grad=True))
-    return LOGITS_ROWS_INPUTS.grads(student_logits=grad.to(saved["student_logits"].dtype))
-
-
-divergence_rows_op.register_autograd(_backward_logits_rows, setup_context=_setup_logits_rows)
+_register_rows_autograd(divergence_rows_op, LOGITS_ROWS_INPUTS, divergence_op,
+                        LOGITS_LOSS_INPUTS, _LOGITS_TRAINABLE)

@@ -5,6 +5,7 @@ and the gradient is scattered back to the full vocabulary.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -12,24 +13,24 @@ import torch
 from opsd_kernels.divergence_options import RowOptions, TopK
 from opsd_kernels.types import StatColumn
 
+# step(s, t, labels, coef, stats, opts: RowOptions, write_grad: bool) -> None: the contract of
+# ops/divergence_torch.py, ops/divergence.py and ops/divergence_native.py.
 RowStep = Callable[..., None]
+
+
+def with_top_k(step: RowStep, top_k: TopK | None) -> RowStep:
+    """`step` itself on full rows, else `step` on the top-k support of each row."""
+    return step if top_k is None else functools.partial(top_k_row_step, step, top_k=top_k)
 
 
 def _scale(z: torch.Tensor, inv_tau: float, softcap: float | None) -> torch.Tensor:
     return (z if softcap is None else softcap * torch.tanh(z / softcap)) * inv_tau
 
 
-def top_k_row_step(
-    step: RowStep,
-    s: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    coef: torch.Tensor,
-    stats: torch.Tensor,
-    opts: RowOptions,
-    write_grad: bool,
-    top_k: TopK,
-) -> None:
+def top_k_row_step(step: RowStep, s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                   coef: torch.Tensor, stats: torch.Tensor, opts: RowOptions, write_grad: bool,
+                   top_k: TopK) -> None:
+    """The row step's contract on the top-k support of each row (with a tail bucket if asked)."""
     s_sc = _scale(s, opts.inv_tau_s, opts.softcap)
     t_sc = _scale(t, opts.inv_tau_t, opts.softcap)
     idx = (t_sc if top_k.source == "teacher" else s_sc).topk(top_k.k, dim=-1).indices

@@ -24,8 +24,8 @@ from conftest import (
     randn,
 )
 
-from opsd_kernels.divergence_driver import TopK, run_row_step
-from opsd_kernels.divergence_options import RowOptions
+from opsd_kernels.divergence_options import RowOptions, TopK
+from opsd_kernels.divergence_top_k import with_top_k
 from opsd_kernels.ops.divergence_torch import divergence_rows_torch_
 from opsd_kernels.reference.divergence import reference_stats
 from opsd_kernels.types import NUM_STATS, STAT_NAMES
@@ -209,8 +209,8 @@ def test_top_k_row_step(seed, step, top_k, tail):
     opts = _opts("jsd", 0.5, tau_s=0.9, tau_t=1.1, softcap=6.0)
     s, t, labels, coef = _block(seed, 6, 101)
     s_out, stats = s.clone(), _poisoned_stats(6)
-    run_row_step(STEPS[step], s_out, t.clone(), labels, coef, stats, opts, True,
-                 TopK(top_k, "teacher", tail))
+    top_k_step = with_top_k(STEPS[step], TopK(top_k, "teacher", tail))
+    top_k_step(s_out, t.clone(), labels, coef, stats, opts, True)
     s_ref = s.double().requires_grad_()
     ref = reference_stats(s_ref, t.double(), labels, divergence="jsd", beta=0.5, temperature=0.9,
                           teacher_temperature=1.1, top_k=top_k, tail_bucket=tail,

@@ -49,15 +49,20 @@ def test_chunk_rows_does_not_grow_with_the_tokens(device: str) -> None:
 
 @pytest.fixture
 def row_blocks(monkeypatch) -> list[tuple[int, torch.dtype, torch.dtype]]:
-    """The student block of every row-step call (its rows, its dtype)."""
+    """(rows, student dtype, teacher dtype) of every block a row step is given."""
     seen: list[tuple[int, torch.dtype, torch.dtype]] = []
-    real = divergence_driver.run_row_step
+    real = divergence_driver.row_step_for
 
-    def spy(step, s, t, *args):
-        seen.append((s.shape[0], s.dtype, t.dtype))
-        return real(step, s, t, *args)
+    def spy(backend):
+        step = real(backend)
 
-    monkeypatch.setattr(divergence_driver, "run_row_step", spy)
+        def recording_step(s, t, *args):
+            seen.append((s.shape[0], s.dtype, t.dtype))
+            return step(s, t, *args)
+
+        return recording_step
+
+    monkeypatch.setattr(divergence_driver, "row_step_for", spy)
     return seen
 
 

@@ -9,15 +9,9 @@ from opsd_kernels import _native
 from opsd_kernels.divergence_options import KIND_CODES, RowOptions
 
 
-def divergence_rows_native_(
-    s: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    coef: torch.Tensor,
-    stats: torch.Tensor,
-    opts: RowOptions,
-    write_grad: bool,
-) -> None:
+def divergence_rows_native_(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                            coef: torch.Tensor, stats: torch.Tensor, opts: RowOptions,
+                            write_grad: bool) -> None:
     """The row step of `divergence_rows_torch_` / `divergence_rows_triton_`, compiled.
 
     s, t: fp32 or bf16 [C, V] with unit column stride (s is overwritten with

@@ -38,15 +38,9 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def divergence_rows_torch_(
-    s: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    coef: torch.Tensor,
-    stats: torch.Tensor,
-    opts: RowOptions,
-    write_grad: bool,
-) -> None:
+def divergence_rows_torch_(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                           coef: torch.Tensor, stats: torch.Tensor, opts: RowOptions,
+                           write_grad: bool) -> None:
     """Fill `stats` [C, NUM_STATS]; s is clobbered, and holds coef_i * d D_i / d z_S if
     write_grad. t is only read."""
     valid = None if labels is None else labels != opts.ignore_index
