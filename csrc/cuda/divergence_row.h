@@ -13,7 +13,8 @@
 //   D = sum_v l_v, g_v = d l_v / d log p_v, d D / d s_j = g_j - p_j S, S = sum_v g_v.
 //   pass 1: online log-sum-exp of both roles (per thread, then a (max, sum) combine);
 //   pass 2: D, H(p), H(q) and S, only where S has no closed form (reverse KL, JSD, clipping),
-//           the top token's share apart (see pass 2 below: confident rows stay accurate);
+//           the top token's share apart (see pass 2 below: confident rows stay accurate; every
+//           port sums it apart, opsd_kernels/ops/__init__.py);
 //   pass 3: the gradient coef * (d D / d s) * (d s / d z), computed in fp32 and stored as fp32
 //           or bf16, and where pass 2 was skipped, D, H(p), H(q).
 // Numerics: log p = (s - M) - log Z (never s - lse); every x log x is guarded by x > 0 (0 log 0

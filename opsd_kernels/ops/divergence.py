@@ -155,11 +155,17 @@ def divergence_rows_kernel(
     advantage = logq_y - logp_y
 
     # Pass 2, only where S = sum_v g_v has no closed form: the divergence, entropies and S.
+    # The top token (s_v == max s, when unique) is summed apart: its gradient g_top - p_top S is
+    # taken as g_top P_rest - p_top G_rest (sums over the other tokens), which on a confident
+    # row (p_top = 1 - 1e-5) does not subtract nearly equal numbers.
     NEEDS_S: tl.constexpr = (KIND == REVERSE_KL) or (KIND == JSD) or HAS_CLIP
     loss = tl.zeros((), tl.float32)
     h_p = tl.zeros((), tl.float32)
     h_q = tl.zeros((), tl.float32)
     g_sum = tl.zeros((), tl.float32) - 1.0  # forward KL: S = -sum_v q_v = -1
+    g_rest = tl.zeros((), tl.float32)
+    p_rest = tl.zeros((), tl.float32)
+    n_top = tl.zeros((), tl.float32)
     if NEEDS_S:
         g_sum = tl.zeros((), tl.float32)
         for start in range(0, v_read, BLOCK_V):
@@ -173,7 +179,11 @@ def divergence_rows_kernel(
             q = tl.exp(log_q)
             terms, g = _tile_terms(log_p, log_q, p, q, in_row, beta, clip, KIND, HAS_CLIP)
             loss += tl.sum(terms, 0)
+            is_top = s == m_s
             g_sum += tl.sum(g, 0)
+            g_rest += tl.sum(tl.where(is_top, 0.0, g), 0)
+            p_rest += tl.sum(tl.where(is_top, 0.0, p), 0)
+            n_top += tl.sum(tl.where(is_top, 1.0, 0.0), 0)
             h_p += tl.sum(_entropy_terms(p, log_p), 0)
             h_q += tl.sum(_entropy_terms(q, log_q), 0)
 
@@ -194,7 +204,8 @@ def divergence_rows_kernel(
                 grad = advantage * (p - tl.where(cols == label, 1.0, 0.0))
             else:
                 terms, g = _tile_terms(log_p, log_q, p, q, read, beta, clip, KIND, HAS_CLIP)
-                grad = g - p * g_sum
+                unique_top = tl.where(s == m_s, n_top, 0.0) == 1.0
+                grad = tl.where(unique_top, g * p_rest - p * g_rest, g - p * g_sum)
                 if not NEEDS_S:
                     loss += tl.sum(terms, 0)
             if not NEEDS_S:
