@@ -15,7 +15,7 @@ NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp
 # machine without a C++ compiler: make test OPSD_REQUIRE_NATIVE=0
 OPSD_REQUIRE_NATIVE ?= 1
 
-.PHONY: demo test bench bench-native lint clean
+.PHONY: demo test test-fast bench bench-native lint clean
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@if [ ! -x $(PY) ]; then \
@@ -36,6 +36,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OPSD_REQUIRE_NATIVE=$(OPSD_REQUIRE_NATIVE) $(PY) -m pytest -q tests
+
+# The edit loop: everything but the tests marked slow (compilers, torch.compile, subprocesses).
+test-fast: $(STAMP)
+	OPSD_REQUIRE_NATIVE=$(OPSD_REQUIRE_NATIVE) $(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -rs bench/bench_divergence.py --benchmark-json=.benchmarks/divergence.json

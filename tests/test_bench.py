@@ -17,6 +17,7 @@ def _run(args: list[str], **kwargs) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suite, report", [("bench_divergence", "report"),
                                            ("bench_native", "report_native")])
 def test_bench_smoke(tmp_path: Path, suite: str, report: str) -> None:

@@ -249,7 +249,7 @@ def _train(loss_fn, model: nn.Module, batches) -> tuple[list, list]:
     return losses, grads
 
 
-@pytest.mark.parametrize("use_compile", [False, True])
+@pytest.mark.parametrize("use_compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_training_step_compiles_and_matches(reduction: str, use_compile: bool) -> None:
     torch.manual_seed(0)

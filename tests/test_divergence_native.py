@@ -193,6 +193,7 @@ def test_results_do_not_depend_on_the_thread_count(seed):
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
+@pytest.mark.slow
 @requires_cpu_kernel
 def test_every_kernel_build_agrees(tmp_path):
     """ATEN_CPU_CAPABILITY=default / avx2 makes the extension pick its baseline or AVX2 kernel,
