@@ -99,9 +99,9 @@ def _needs_grad(x: torch.Tensor | None) -> bool:
     return x is not None and x.requires_grad and torch.is_grad_enabled()
 
 
-def _op_options(divergence, beta, temperature, teacher_temperature, top_k, top_k_source,
-                tail_bucket, clip, logit_softcap, ignore_index, backend,
-                chunk_size) -> DivergenceOptions:
+def _option_args(divergence, beta, temperature, teacher_temperature, top_k, top_k_source,
+                 tail_bucket, clip, logit_softcap, ignore_index, backend,
+                 chunk_size) -> DivergenceOptions:
     """The scalar options of the registered ops, as their schemas type them."""
     tau_t = temperature if teacher_temperature is None else teacher_temperature
     return DivergenceOptions(
@@ -220,7 +220,7 @@ def fused_linear_divergence(
                     has_labels=labels is not None, chunk_size=chunk_size)
     _check_reduction(reduction, token_shape, num_items)
     tok = _tokens(token_shape, student_hidden.device, vocab, labels, ignore_index, token_weights)
-    options = _op_options(divergence, beta, temperature, teacher_temperature, top_k,
+    options = _option_args(divergence, beta, temperature, teacher_temperature, top_k,
                            top_k_source, tail_bucket, clip, logit_softcap, ignore_index,
                            resolve_backend(backend, student_hidden.device), chunk_size)
 
@@ -316,7 +316,7 @@ def divergence(
                     has_labels=labels is not None, chunk_size=chunk_size)
     _check_reduction(reduction, token_shape, num_items)
     tok = _tokens(token_shape, student_logits.device, vocab, labels, ignore_index, token_weights)
-    options = _op_options(divergence, beta, temperature, teacher_temperature, top_k,
+    options = _option_args(divergence, beta, temperature, teacher_temperature, top_k,
                            top_k_source, tail_bucket, clip, logit_softcap, ignore_index,
                            resolve_backend(backend, student_logits.device), chunk_size)
     n = token_shape.numel()
