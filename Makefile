@@ -11,7 +11,7 @@ STAMP := $(VENV)/.opsd-installed
 BUILD_TOOLS := "setuptools>=64" wheel "pybind11>=2.12" ninja
 NATIVE_SOURCES := CMakeLists.txt $(wildcard csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h \
                   csrc/cuda/*.cu csrc/cuda/*.cpp python/*.cpp)
-# `make test` requires the extension to have been built (test_native.py fails otherwise); on a
+# `make test` requires the extension to have been built (test_divergence_native.py fails otherwise); on a
 # machine without a C++ compiler: make test OPSD_REQUIRE_NATIVE=0
 OPSD_REQUIRE_NATIVE ?= 1
 

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from opsd_kernels.row_options import RowOptions
+from opsd_kernels.divergence_options import RowOptions
 from opsd_kernels.types import NUM_STATS
 
 SMOKE = os.environ.get("OPSD_BENCH_SMOKE") == "1"
@@ -88,7 +88,7 @@ def _blocks(dtype: torch.dtype) -> Blocks:
 
 def _step(peer: str):
     if peer == "cuda":
-        from opsd_kernels._native import divergence_rows_native_
+        from opsd_kernels.ops.divergence_native import divergence_rows_native_
 
         return divergence_rows_native_
     from opsd_kernels.ops.divergence import divergence_rows_triton_

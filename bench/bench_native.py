@@ -26,9 +26,9 @@ import torch
 from bench.bench_divergence import _device_name
 from bench.peers import PEERS, Case, Inputs, make_inputs
 from opsd_kernels import env_report
+from opsd_kernels.divergence_options import RowOptions
+from opsd_kernels.ops.divergence_torch import divergence_rows_torch_
 from opsd_kernels.profiling import peak_bytes
-from opsd_kernels.reference.rows import divergence_rows_torch_
-from opsd_kernels.row_options import RowOptions
 
 SMOKE = os.environ.get("OPSD_BENCH_SMOKE") == "1"
 THREADS = int(os.environ.get("OPSD_BENCH_THREADS", "2"))
@@ -82,7 +82,7 @@ def _block(rows: int, vocab: int):
 def _row_step(name: str):
     if name == "torch":
         return divergence_rows_torch_
-    from opsd_kernels._native import divergence_rows_native_
+    from opsd_kernels.ops.divergence_native import divergence_rows_native_
 
     return divergence_rows_native_
 

@@ -54,8 +54,10 @@ DRY_RUN_SLOWDOWN = 8
 # Liger's own benchmark sizes (1k .. 8k tokens) and the memory target's 16k.
 DIVERGENCE_TOKENS = "1024,2048,4096,8192,16384"
 # GPU-only tests run by marker; these suites are the kernels' correctness sweep on the device.
-KERNEL_SUITES = ("tests/test_divergence.py", "tests/test_losses.py", "tests/test_attention.py",
-                 "tests/test_native.py")
+KERNEL_SUITES = ("tests/test_divergence.py", "tests/test_divergence_triton.py",
+                 "tests/test_divergence_native.py", "tests/test_divergence_driver.py",
+                 "tests/test_divergence_library.py", "tests/test_losses.py",
+                 "tests/test_attention.py", "tests/test_attention_triton.py")
 # What the peers and the suites import beyond torch and triton: (distribution, module).
 PEER_MODULES = (("liger-kernel", "liger_kernel.transformers"), ("trl", "trl.experimental.gkd"),
                 ("transformers", "transformers"), ("pytest-benchmark", "pytest_benchmark"),

@@ -1,4 +1,4 @@
-"""The native row step: the compiled extension opsd_kernels._C (csrc/, python/bindings.cpp).
+"""The loader of the compiled extension opsd_kernels._C (csrc/, python/bindings.cpp).
 
 The extension is optional. It is imported on first use, never by `import opsd_kernels`, and a
 failure is recorded rather than raised: `native_status()` says why it is missing (quoting
@@ -16,7 +16,8 @@ from types import ModuleType
 
 import torch
 
-from opsd_kernels.row_options import KIND_CODES, RowOptions
+from opsd_kernels.divergence_options import KIND_NAMES
+from opsd_kernels.types import STAT_NAMES
 
 _MODULE = "opsd_kernels._C"
 _OP = "opsd::divergence_rows_native_"
@@ -50,7 +51,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
     except Exception as err:  # e.g. undefined symbols after a torch upgrade
         return None, (f"{_MODULE} failed to load ({type(err).__name__}: {err}); rebuild it: "
                       f"{_HOW}")
-    why = _version_error(module.torch_version, torch.__version__)
+    why = _version_error(module.torch_version, torch.__version__) or _constants_error(module)
     if why is not None:
         return None, why
     torch.library.register_fake(_OP)(_fake_row_step)
@@ -63,6 +64,18 @@ def _version_error(built: str, running: str) -> str | None:
     if built.split(".")[:2] == running.split(".")[:2]:
         return None
     return f"{_MODULE} was built against torch {built}, this is torch {running}; rebuild it: {_HOW}"
+
+
+def _constants_error(module: ModuleType) -> str | None:
+    # The kernels index kinds and stats columns by the numbers of csrc/divergence_options.h; a
+    # build whose order differs from Python's would silently mislabel every stat.
+    built = {"kind_names": tuple(module.kind_names), "stat_names": tuple(module.stat_names)}
+    here = {"kind_names": KIND_NAMES, "stat_names": STAT_NAMES}
+    for name, value in built.items():
+        if value != here[name]:
+            return (f"{_MODULE} was built with {name} {value}, this package has {here[name]}; "
+                    f"rebuild it: {_HOW}")
+    return None
 
 
 def native_status() -> str | None:
@@ -86,25 +99,3 @@ def device_error(device: torch.device) -> str | None:
     if device.type == "cpu" or (device.type == "cuda" and module.has_cuda):
         return None
     return f"{_MODULE} has no kernels for {device.type} tensors (built without CUDA kernels)"
-
-
-def divergence_rows_native_(
-    s: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    coef: torch.Tensor,
-    stats: torch.Tensor,
-    opts: RowOptions,
-    write_grad: bool,
-) -> None:
-    """The row step of `divergence_rows_torch_` / `divergence_rows_triton_`, compiled.
-
-    s, t: fp32 or bf16 [C, V] with unit column stride (s is overwritten with
-    coef_i * d D_i / d z_S when write_grad, and left untouched otherwise); labels int64 [C]
-    or None; coef fp32 [C]; stats fp32 [C, NUM_STATS]. Contract: csrc/divergence.h."""
-    module, why = _load()
-    if module is None:
-        raise RuntimeError(f"backend='native' cannot run: {why}")
-    torch.ops.opsd.divergence_rows_native_(
-        s, t, labels, coef, stats, KIND_CODES[opts.kind], opts.beta, opts.inv_tau_s,
-        opts.inv_tau_t, opts.clip, opts.softcap, opts.ignore_index, write_grad)

@@ -16,31 +16,25 @@ from torch import nn
 from opsd_kernels import _guards
 from opsd_kernels import _validate as v
 from opsd_kernels._backend import resolve_backend
-from opsd_kernels.library import (
+from opsd_kernels.divergence_library import (
+    LINEAR_LOSS_INPUTS,
+    LINEAR_ROWS_INPUTS,
+    LOGITS_LOSS_INPUTS,
+    LOGITS_ROWS_INPUTS,
     divergence_op,
     divergence_rows_op,
     fused_linear_divergence_op,
     fused_linear_divergence_rows_op,
 )
-from opsd_kernels.types import Backend, DivergenceKind, Reduction, TopKSource
-
-
-class DivergenceStats(NamedTuple):
-    """Per-token by-products, each shaped like the token dims of the input; 0 on masked tokens.
-
-    divergence: the per-token loss D_i (before token weights). student_entropy / teacher_entropy:
-    entropies of the distributions the divergence compares (on the top-k support when top_k is
-    set). student_lse / teacher_lse: log-sum-exp of the full scaled logits. student_logprob /
-    teacher_logprob: full-vocabulary log-probabilities of the label (0 without labels).
-    """
-
-    divergence: torch.Tensor
-    student_entropy: torch.Tensor
-    teacher_entropy: torch.Tensor
-    student_lse: torch.Tensor
-    teacher_lse: torch.Tensor
-    student_logprob: torch.Tensor
-    teacher_logprob: torch.Tensor
+from opsd_kernels.divergence_options import DivergenceOptions
+from opsd_kernels.types import (
+    Backend,
+    DivergenceKind,
+    DivergenceStats,
+    Reduction,
+    StatColumn,
+    TopKSource,
+)
 
 
 class _Tokens(NamedTuple):
@@ -99,7 +93,7 @@ def _check_reduction(reduction: str, token_shape: torch.Size, num_items) -> None
 
 
 def _as_stats(stats: torch.Tensor, token_shape: torch.Size) -> DivergenceStats:
-    return DivergenceStats(*(stats[:, i].reshape(token_shape) for i in range(stats.shape[1])))
+    return DivergenceStats._make(stats[:, column].reshape(token_shape) for column in StatColumn)
 
 
 def _empty_batch(token_shape: torch.Size, reduction: str, return_stats: bool,
@@ -116,13 +110,16 @@ def _needs_grad(x: torch.Tensor | None) -> bool:
 
 
 def _option_args(divergence, beta, temperature, teacher_temperature, top_k, top_k_source,
-                 tail_bucket, clip, logit_softcap, ignore_index, backend, chunk_size) -> tuple:
-    """The scalar arguments of the registered ops, in their order."""
+                 tail_bucket, clip, logit_softcap, ignore_index, backend,
+                 chunk_size) -> DivergenceOptions:
+    """The scalar options of the registered ops, as their schemas type them."""
     tau_t = temperature if teacher_temperature is None else teacher_temperature
-    return (divergence, float(beta), float(temperature), float(tau_t), top_k or 0, top_k_source,
-            bool(tail_bucket), None if clip is None else float(clip),
-            None if logit_softcap is None else float(logit_softcap), int(ignore_index), backend,
-            chunk_size or 0)
+    return DivergenceOptions(
+        kind=divergence, beta=float(beta), temperature=float(temperature),
+        teacher_temperature=float(tau_t), top_k=top_k or 0, top_k_source=top_k_source,
+        tail_bucket=bool(tail_bucket), clip=None if clip is None else float(clip),
+        softcap=None if logit_softcap is None else float(logit_softcap),
+        ignore_index=int(ignore_index), backend=backend, chunk_size=chunk_size or 0)
 
 
 def fused_linear_divergence(
@@ -254,16 +251,19 @@ def fused_linear_divergence(
     h_s = student_hidden.reshape(n, hidden).contiguous()
     h_t = teacher_hidden.reshape(n, teacher_hidden.shape[-1]).contiguous()
     w_t = None if teacher_weight is None else teacher_weight.contiguous()
-    tensors = (h_s, weight.contiguous(), h_t, w_t, tok.labels)
+    tensors = dict(student_hidden=h_s, weight=weight.contiguous(), teacher_hidden=h_t,
+                   teacher_weight=w_t, labels=tok.labels, student_bias=student_bias,
+                   teacher_bias=teacher_bias)
     if reduction == "none":
         per_token, stats = fused_linear_divergence_rows_op(
-            *tensors, student_bias, teacher_bias, *options)
+            *LINEAR_ROWS_INPUTS.pack(options, **tensors))
         loss = per_token if tok.weights is None else per_token * tok.weights
         loss = loss.reshape(token_shape)
     else:
-        loss, stats, *_ = fused_linear_divergence_op(
-            *tensors, _row_coef(tok, reduction, num_items), student_bias, teacher_bias, *options,
-            _needs_grad(student_hidden), _needs_grad(weight), _needs_grad(student_bias))
+        loss, stats, *_ = fused_linear_divergence_op(*LINEAR_LOSS_INPUTS.pack(
+            options, **tensors, coef=_row_coef(tok, reduction, num_items),
+            need_grad_h=_needs_grad(student_hidden), need_grad_w=_needs_grad(weight),
+            need_grad_bs=_needs_grad(student_bias)))
     if check_finite:
         _guards.check_finite(loss=loss)
     return (loss, _as_stats(stats, token_shape)) if return_stats else loss
@@ -354,13 +354,15 @@ def divergence(
     n = token_shape.numel()
     s = student_logits.reshape(n, vocab).contiguous()
     t = teacher_logits.reshape(n, vocab).contiguous()
+    tensors = dict(student_logits=s, teacher_logits=t, labels=tok.labels)
     if reduction == "none":
-        per_token, stats = divergence_rows_op(s, t, tok.labels, *options)
+        per_token, stats = divergence_rows_op(*LOGITS_ROWS_INPUTS.pack(options, **tensors))
         loss = per_token if tok.weights is None else per_token * tok.weights
         loss = loss.reshape(token_shape)
     else:
-        loss, stats, _ = divergence_op(s, t, tok.labels, _row_coef(tok, reduction, num_items),
-                                       *options, _needs_grad(student_logits))
+        loss, stats, _ = divergence_op(*LOGITS_LOSS_INPUTS.pack(
+            options, **tensors, coef=_row_coef(tok, reduction, num_items),
+            need_grad=_needs_grad(student_logits)))
     if check_finite:
         _guards.check_finite(loss=loss)
     return (loss, _as_stats(stats, token_shape)) if return_stats else loss

@@ -1,5 +1,6 @@
 // opsd_kernels._C: the native row step, as a PyTorch operator (so torch.compile and the
-// dispatcher see it) and as a plain pybind11 function, plus what env_report needs to know.
+// dispatcher see it), the constants it shares with Python (kind codes, stats columns: checked by
+// opsd_kernels/_native.py when it loads), and what env_report needs to know.
 //
 //   torch.ops.opsd.divergence_rows_native_(s, t, labels, coef, stats, kind, beta, inv_tau_s,
 //       inv_tau_t, clip, softcap, ignore_index, write_grad)
@@ -35,31 +36,19 @@ opsd::RowOptions make_options(int64_t kind, double beta, double inv_tau_s, doubl
   };
 }
 
-void divergence_rows_cpu_op(const at::Tensor& s, const at::Tensor& t,
-                            const std::optional<at::Tensor>& labels, const at::Tensor& coef,
-                            const at::Tensor& stats, int64_t kind, double beta,
-                            double inv_tau_s, double inv_tau_t, std::optional<double> clip,
-                            std::optional<double> softcap, int64_t ignore_index,
-                            bool write_grad) {
-  opsd::divergence_rows_cpu(s, t, labels, coef, stats,
-                            make_options(kind, beta, inv_tau_s, inv_tau_t, clip, softcap,
-                                         ignore_index),
-                            write_grad);
-}
+using RowsFn = void (*)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        const at::Tensor&, const at::Tensor&, const opsd::RowOptions&, bool);
 
-#ifdef OPSD_WITH_CUDA
-void divergence_rows_cuda_op(const at::Tensor& s, const at::Tensor& t,
-                             const std::optional<at::Tensor>& labels, const at::Tensor& coef,
-                             const at::Tensor& stats, int64_t kind, double beta,
-                             double inv_tau_s, double inv_tau_t, std::optional<double> clip,
-                             std::optional<double> softcap, int64_t ignore_index,
-                             bool write_grad) {
-  opsd::divergence_rows_cuda(s, t, labels, coef, stats,
-                             make_options(kind, beta, inv_tau_s, inv_tau_t, clip, softcap,
-                                          ignore_index),
-                             write_grad);
+// The operator's signature (the schema below) over one port of the row step.
+template <RowsFn ROWS>
+void divergence_rows_op(const at::Tensor& s, const at::Tensor& t,
+                        const std::optional<at::Tensor>& labels, const at::Tensor& coef,
+                        const at::Tensor& stats, int64_t kind, double beta, double inv_tau_s,
+                        double inv_tau_t, std::optional<double> clip,
+                        std::optional<double> softcap, int64_t ignore_index, bool write_grad) {
+  ROWS(s, t, labels, coef, stats,
+       make_options(kind, beta, inv_tau_s, inv_tau_t, clip, softcap, ignore_index), write_grad);
 }
-#endif
 
 constexpr bool kHasCuda =
 #ifdef OPSD_WITH_CUDA
@@ -80,40 +69,25 @@ TORCH_LIBRARY_FRAGMENT(opsd, m) {
 }
 
 TORCH_LIBRARY_IMPL(opsd, CPU, m) {
-  m.impl("divergence_rows_native_", &divergence_rows_cpu_op);
+  m.impl("divergence_rows_native_", &divergence_rows_op<opsd::divergence_rows_cpu>);
 }
 
 #ifdef OPSD_WITH_CUDA
 TORCH_LIBRARY_IMPL(opsd, CUDA, m) {
-  m.impl("divergence_rows_native_", &divergence_rows_cuda_op);
+  m.impl("divergence_rows_native_", &divergence_rows_op<opsd::divergence_rows_cuda>);
 }
 #endif
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Native kernels of opsd_kernels (see csrc/divergence.h for the row-step contract)";
-  m.def(
-      "divergence_rows",
-      [](const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
-         const at::Tensor& coef, const at::Tensor& stats, int64_t kind, double beta,
-         double inv_tau_s, double inv_tau_t, std::optional<double> clip,
-         std::optional<double> softcap, int64_t ignore_index, bool write_grad) {
-        const opsd::RowOptions opts =
-            make_options(kind, beta, inv_tau_s, inv_tau_t, clip, softcap, ignore_index);
-#ifdef OPSD_WITH_CUDA
-        if (s.is_cuda()) {
-          opsd::divergence_rows_cuda(s, t, labels, coef, stats, opts, write_grad);
-          return;
-        }
-#endif
-        opsd::divergence_rows_cpu(s, t, labels, coef, stats, opts, write_grad);
-      },
-      "The row step without the dispatcher (same arguments as the op).", py::arg("s"),
-      py::arg("t"), py::arg("labels"), py::arg("coef"), py::arg("stats"), py::arg("kind"),
-      py::arg("beta"), py::arg("inv_tau_s"), py::arg("inv_tau_t"), py::arg("clip"),
-      py::arg("softcap"), py::arg("ignore_index"), py::arg("write_grad"));
   m.def("cpu_isa", [] { return std::string(opsd::divergence_rows_cpu_isa()); },
         "Instruction set of the CPU kernel build in use (AVX512, AVX2 or DEFAULT).");
   m.attr("has_cuda") = kHasCuda;
+  py::list kind_names, stat_names;
+  for (const char* name : opsd::kKindNames) kind_names.append(name);
+  for (const char* name : opsd::kStatNames) stat_names.append(name);
+  m.attr("kind_names") = py::tuple(kind_names);
+  m.attr("stat_names") = py::tuple(stat_names);
   m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." +
                             std::to_string(TORCH_VERSION_MINOR) + "." +
                             std::to_string(TORCH_VERSION_PATCH);

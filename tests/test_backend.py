@@ -1,7 +1,7 @@
 """`opsd_kernels._backend.resolve_backend`, the one backend choice of every op: the automatic
 choice per device, OPSD_BACKEND, ops without some backend (shared-prefix attention has no
 native kernel), and errors that name the argument. No CUDA is needed: the choice only looks at
-the device type. The losses' own choice through the public functions: test_library.py."""
+the device type. The losses' own choice through the public functions: test_losses_backend.py."""
 
 from __future__ import annotations
 

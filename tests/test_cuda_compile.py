@@ -33,7 +33,7 @@ import test_divergence as td
 import torch
 from conftest import assert_close
 
-from opsd_kernels.row_options import KIND_CODES, RowOptions
+from opsd_kernels.divergence_options import KIND_CODES, RowOptions
 from opsd_kernels.types import NUM_STATS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -406,12 +406,14 @@ def test_host_bf16_masked_rows_hold_garbage(seed, host_step):
 # --- the compiles (last: they finish in the background while the harness tests run) -----
 
 
+@pytest.mark.slow
 @requires_nvcc
 @pytest.mark.parametrize("source", CU_SOURCES, ids=[p.name for p in CU_SOURCES])
 def test_cuda_source_compiles(jobs, source):
     _no_warnings(jobs[f"nvcc:{source.name}"].check())
 
 
+@pytest.mark.slow
 @requires_cxx
 @pytest.mark.parametrize("source", TORCH_SOURCES, ids=[p.name for p in TORCH_SOURCES])
 def test_torch_wrapper_is_sound(jobs, source):

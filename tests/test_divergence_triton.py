@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import generator, randn, requires_triton
 
-from opsd_kernels.row_options import RowOptions
+from opsd_kernels.divergence_options import RowOptions
 from opsd_kernels.types import NUM_STATS
 
 # The interpreter evaluates exp on lanes that tl.where then discards.

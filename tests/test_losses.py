@@ -464,6 +464,81 @@ def test_module_matches_function(seed):
     assert_close(loss, ref.loss)
 
 
+# --- FusedLinearDivergenceLoss: options in the constructor, tensors per call -------------------
+
+
+def _module_inputs() -> dict:
+    b, t, hidden, vocab = 2, 3, 8, 37
+    g = torch.Generator().manual_seed(21)
+    return dict(
+        student_hidden=torch.randn(b, t, hidden, generator=g).requires_grad_(),
+        weight=torch.randn(vocab, hidden, generator=g).requires_grad_(),
+        teacher_hidden=torch.randn(b, t, hidden + 2, generator=g),
+        teacher_weight=torch.randn(vocab, hidden + 2, generator=g),
+        labels=torch.tensor([[3, -100, 5], [0, 36, 2]]),
+        token_weights=torch.rand(b, t, generator=g) + 0.5,
+        student_bias=torch.randn(vocab, generator=g).requires_grad_(),
+    )
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    dict(divergence="forward_kl", temperature=1.3, reduction="sum", backend="torch"),
+    dict(divergence="jsd", beta=0.3, top_k=5, tail_bucket=True, reduction="sequence_mean",
+         chunk_size=2, return_stats=True),
+    dict(divergence="reverse_kl", clip=0.1, logit_softcap=4.0, reduction="none"),
+])
+def test_module_equals_function(options: dict) -> None:
+    loss_fn = FusedLinearDivergenceLoss(**options)
+    for key, value in options.items():
+        assert f"{key}={value!r}" in repr(loss_fn)
+
+    inputs = _module_inputs()
+    tensors = (inputs["student_hidden"], inputs["weight"], inputs["teacher_hidden"],
+               inputs["teacher_weight"])
+    per_call = {k: inputs[k] for k in ("labels", "token_weights", "student_bias")}
+    got = loss_fn(*tensors, **per_call)
+    want = fused_linear_divergence(*tensors, **per_call, **options)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    loss_got = got[0] if options.get("return_stats") else got
+    loss_want = want[0] if options.get("return_stats") else want
+    params = (inputs["student_hidden"], inputs["weight"], inputs["student_bias"])
+    grads_got = torch.autograd.grad(loss_got.sum(), params)
+    grads_want = torch.autograd.grad(loss_want.sum(), params)
+    torch.testing.assert_close(grads_got, grads_want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["labels", "token_weights", "num_items", "student_bias",
+                                  "teacher_bias"])
+def test_module_rejects_per_call_tensors_in_constructor(name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}: pass it to forward"):
+        FusedLinearDivergenceLoss(**{name: None})
+
+
+@pytest.mark.parametrize("name,value", [("beta", 0.3), ("reduction", "sum"), ("backend", "torch"),
+                                        ("bogus", 1)])
+def test_module_rejects_options_in_forward(name: str, value) -> None:
+    inputs = _module_inputs()
+    with pytest.raises(ValueError, match=rf"^{name}: not a per-call argument"):
+        FusedLinearDivergenceLoss()(inputs["student_hidden"], inputs["weight"],
+                                    inputs["teacher_hidden"], inputs["teacher_weight"],
+                                    **{name: value})
+
+
+@pytest.mark.parametrize("options,exc,match", [
+    (dict(beta=2.0), ValueError, r"^beta:"),
+    (dict(reduction="avg"), ValueError, r"^reduction:"),
+    (dict(backend="gpu"), ValueError, r"^backend:"),
+    (dict(bogus_option=1), (TypeError, ValueError), "bogus_option"),
+])
+def test_module_bad_options_raise(options: dict, exc, match: str) -> None:
+    inputs = _module_inputs()
+    with pytest.raises(exc, match=match):
+        FusedLinearDivergenceLoss(**options)(inputs["student_hidden"], inputs["weight"],
+                                             inputs["teacher_hidden"], inputs["teacher_weight"])
+
+
 # --- GPU-only: realistic sizes and the out_dtype GEMM path --------------------------------------
 
 

@@ -43,7 +43,7 @@ def test_every_kernel_has_variants() -> None:
 
 
 def test_every_divergence_flag_combination_is_lowered_on_both_archs() -> None:
-    from opsd_kernels.row_options import KIND_CODES
+    from opsd_kernels.divergence_options import KIND_CODES
 
     flags = ("KIND", "HAS_LABELS", "HAS_CLIP", "HAS_SOFTCAP", "WRITE_GRAD")
     for arch in lowering.ARCHS:

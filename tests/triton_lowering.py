@@ -68,8 +68,8 @@ def divergence_variants() -> Iterator[Variant]:
     """Every flag combination at the GPU launch configuration of a real vocabulary, on both
     archs (64-bit row strides for one of them); every smaller tile width the launcher can pick
     for a small vocabulary, with all flags on and all off, on sm_90."""
+    from opsd_kernels.divergence_options import KIND_CODES
     from opsd_kernels.ops import divergence as D
-    from opsd_kernels.row_options import KIND_CODES
     from opsd_kernels.types import NUM_STATS
 
     kernel = D.divergence_rows_kernel

@@ -13,7 +13,6 @@
 //            also computes the stats, from p and q                  (2 exp / column)
 // c = coef * d s / d z. Sums accumulate in fp32 lanes, flushed into a double every kFlush
 // vectors, so long rows do not lose the small terms.
-#define OPSD_ROW_OPTIONS_ONLY
 #include "divergence_kernel.h"
 
 #include <algorithm>
@@ -198,15 +197,23 @@ void divergence_row(const Row& r, const RowOptions& o) {
                         Vec(1.f / (o.softcap * o.inv_tau_s))};
   Sum loss, plogp, qlogq;
   if constexpr (kNeedsS) {
-    Sum g_sum;
+    // The top token (x_v == M_s, when unique) is summed apart: its gradient g_top - p_top S is
+    // taken as g_top P_rest - p_top G_rest (sums over the other tokens), which on a confident
+    // row (p_top = 1 - 1e-5) does not subtract nearly equal numbers (as every port does).
+    Sum g_rest, g_top, p_rest, n_top;
+    const Vec zero(0.f), one(1.f);
     for (int64_t i = 0; i < vw; i += kW) {
       const Vec xv = Vec::loadu(x + i), yv = Vec::loadu(y + i);
       const Vec lp = (xv - vm_s) - vlz_s, lq = (yv - vm_t) - vlz_t;
       const Vec p = lp.exp(), q = lq.exp();
       Vec terms, g;
       terms_and_weights<KIND, CLIP>(lp, lq, p, q, beta, one_m_beta, clip, terms, g);
+      const Vec top = xv == vm_s;
       loss.add(terms);
-      g_sum.add(g);
+      g_rest.add(Vec::blendv(g, zero, top));
+      g_top.add(Vec::blendv(zero, g, top));
+      p_rest.add(Vec::blendv(p, zero, top));
+      n_top.add(Vec::blendv(zero, one, top));
       plogp.add(where_pos(p, p * lp));
       qlogq.add(where_pos(q, q * lq));
       if (r.out != nullptr) {  // d D / d s_v = g_v - p_v S, once S is known
@@ -214,12 +221,22 @@ void divergence_row(const Row& r, const RowOptions& o) {
         p.store(r.w + i);
       }
     }
-    const Vec s_total(g_sum.value());
+    const float rest = g_rest.value();
+    const Vec s_total(rest + g_top.value());
     if (r.out != nullptr) {
+      // The top column and its scale, before the gradient may overwrite x (out may alias x).
+      int64_t top_col = -1;
+      if (n_top.value() == 1.f) {
+        top_col = std::find(x, x + r.vocab, r.m_s) - x;
+      }
+      const float c_top = top_col >= 0 ? scale.at(x[top_col]) : 0.f;
       for (int64_t i = 0; i < vw; i += kW) {
         // Difference first, then the scale: a one-hot row (p_v = 1, S = g_v) gives exactly 0.
         const Vec grad = at::vec::fnmadd(Vec::loadu(r.w + i), s_total, Vec::loadu(y + i));
         store_cols(grad * scale(Vec::loadu(x + i)), r.out, i, r.vocab);
+      }
+      if (top_col >= 0) {
+        r.out[top_col] = (y[top_col] * p_rest.value() - r.w[top_col] * rest) * c_top;
       }
     }
   } else {
@@ -247,13 +264,13 @@ void divergence_row(const Row& r, const RowOptions& o) {
   }
 
   float* st = r.stats;
-  st[0] = KIND == kSampled ? -advantage * logp_y : loss.value();
-  st[1] = -plogp.value();
-  st[2] = -qlogq.value();
-  st[3] = r.m_s + lz_s;
-  st[4] = r.m_t + lz_t;
-  st[5] = logp_y;
-  st[6] = logq_y;
+  st[kStatDivergence] = KIND == kSampled ? -advantage * logp_y : loss.value();
+  st[kStatStudentEntropy] = -plogp.value();
+  st[kStatTeacherEntropy] = -qlogq.value();
+  st[kStatStudentLse] = r.m_s + lz_s;
+  st[kStatTeacherLse] = r.m_t + lz_t;
+  st[kStatStudentLogprob] = logp_y;
+  st[kStatTeacherLogprob] = logq_y;
 }
 
 using RowFn = void (*)(const Row&, const RowOptions&);

@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "../divergence.h"
+#include "../divergence_options.h"
 
 namespace opsd::cpu {
 

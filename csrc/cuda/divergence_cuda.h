@@ -14,7 +14,7 @@ namespace cuda {
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
 // One block of rows: the contract of the PyTorch and Triton row steps
-// (opsd_kernels/reference/rows.py, opsd_kernels/ops/divergence.py, ../divergence.h).
+// (opsd_kernels/ops/divergence_torch.py, opsd_kernels/ops/divergence.py, ../divergence.h).
 //   s      [rows, vocab] student logits (raw), dtype s_dtype, unit column stride, row stride
 //          s_stride elements. Only read (unless grad points at it).
 //   t      [rows, vocab] teacher logits, likewise (t_stride; t_dtype == s_dtype). Only read.
@@ -50,7 +50,7 @@ struct RowsArgs {
   DType s_dtype = DType::kFloat32;
   DType t_dtype = DType::kFloat32;
   DType grad_dtype = DType::kFloat32;
-  RowParams opts{};
+  RowOptions opts{};
 };
 
 // Enqueue the kernel on `stream`. Returns cudaErrorInvalidValue for arguments outside the

@@ -1,7 +1,7 @@
 // Torch side of the CUDA row step: tensor checks, the device guard and current stream, then
 // the raw-pointer launcher of divergence.cu. Compiled only when torch has CUDA (OPSD_WITH_CUDA);
 // contract in ../divergence.h and divergence_cuda.h.
-#include "divergence_cuda_torch.h"
+#include <optional>
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,13 +31,8 @@ cuda::DType dtype_of(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? cuda::DType::kFloat32 : cuda::DType::kBFloat16;
 }
 
-cuda::RowParams params_of(const RowOptions& o) {
-  return cuda::RowParams{o.kind,    o.beta,        o.inv_tau_s, o.inv_tau_t,   o.clip,
-                         o.has_clip, o.softcap, o.has_softcap, o.ignore_index};
-}
-
-// Shape, device and dtype checks shared by both entry points; returns contiguous labels and
-// coef (tiny [C] vectors: copied only when strided).
+// Shape, device and dtype checks; returns contiguous labels and coef (tiny [C] vectors: copied
+// only when strided).
 void check_common(const at::Tensor& s, const at::Tensor& t,
                   const std::optional<at::Tensor>& labels, const at::Tensor& coef,
                   const at::Tensor& stats, const RowOptions& opts, at::Tensor& labels_c,
@@ -91,7 +86,7 @@ void launch(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels_c
     a.grad_stride = grad->stride(0);
     a.grad_dtype = dtype_of(*grad);
   }
-  a.opts = params_of(opts);
+  a.opts = opts;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(s.device().index()).stream();
   const cudaError_t err = cuda::divergence_rows_cuda(a, stream);
   TORCH_CHECK(err == cudaSuccess, kWhat, ": kernel launch failed: ", cudaGetErrorString(err));
@@ -121,27 +116,6 @@ void divergence_rows_cuda(const at::Tensor& s, const at::Tensor& t,
   const at::Tensor s32 = as_float(s), t32 = as_float(t);
   launch(s32, t32, labels_c, coef_c, stats, opts, write_grad ? &s32 : nullptr);
   if (write_grad && !s32.is_same(s)) s.copy_(s32);
-}
-
-void divergence_rows_cuda_grad(const at::Tensor& s, const at::Tensor& t,
-                               const std::optional<at::Tensor>& labels, const at::Tensor& coef,
-                               const at::Tensor& stats, const RowOptions& opts,
-                               const at::Tensor& grad) {
-  at::Tensor labels_c, coef_c;
-  check_common(s, t, labels, coef, stats, opts, labels_c, coef_c);
-  check_rows(grad, "grad", s);
-  TORCH_CHECK(grad.scalar_type() == at::kFloat, kWhat, ": grad must be float32, got ",
-              grad.scalar_type());
-  TORCH_CHECK(!grad.is_same(s) && !grad.is_same(t), kWhat,
-              ": grad must be a buffer of its own (use divergence_rows_cuda to write over s)");
-  if (s.size(0) == 0) return;
-  TORCH_CHECK(s.size(1) > 0, kWhat, ": empty vocabulary");
-  const c10::cuda::CUDAGuard guard(s.device());
-  if (s.scalar_type() == t.scalar_type()) {
-    launch(s, t, labels_c, coef_c, stats, opts, &grad);
-  } else {
-    launch(as_float(s), as_float(t), labels_c, coef_c, stats, opts, &grad);
-  }
 }
 
 }  // namespace opsd

@@ -13,7 +13,8 @@
 //   D = sum_v l_v, g_v = d l_v / d log p_v, d D / d s_j = g_j - p_j S, S = sum_v g_v.
 //   pass 1: online log-sum-exp of both roles (per thread, then a (max, sum) combine);
 //   pass 2: D, H(p), H(q) and S, only where S has no closed form (reverse KL, JSD, clipping),
-//           the top token's share apart (see pass 2 below: confident rows stay accurate);
+//           the top token's share apart (see pass 2 below: confident rows stay accurate; every
+//           port sums it apart, opsd_kernels/ops/__init__.py);
 //   pass 3: the gradient coef * (d D / d s) * (d s / d z), computed in fp32 and stored as fp32
 //           or bf16, and where pass 2 was skipped, D, H(p), H(q).
 // Numerics: log p = (s - M) - log Z (never s - lse); every x log x is guarded by x > 0 (0 log 0
@@ -27,6 +28,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include "../divergence_options.h"
 
 #if defined(__CUDACC__)
 #define OPSD_HD __host__ __device__ __forceinline__
@@ -42,26 +45,8 @@
 namespace opsd {
 namespace cuda {
 
-// Divergence codes: the same numbers as csrc/divergence.h's RowOptions::kind and the Triton
-// kernel's KIND_CODES.
-enum Kind : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kSampled = 3 };
-
-constexpr int kNumStats = 7;  // divergence, H(p), H(q), lse_s, lse_t, logp(y), logq(y)
 constexpr float kFloor = -1.0e30f;          // finite start of every running maximum
 constexpr float kTiny = 1.17549435e-38f;    // FLT_MIN: floor of the JSD mixture
-
-// The scalar options of one call (fields and meaning of csrc/divergence.h's RowOptions).
-struct RowParams {
-  int kind;
-  float beta;
-  float inv_tau_s;
-  float inv_tau_t;
-  float clip;
-  bool has_clip;
-  float softcap;
-  bool has_softcap;
-  int64_t ignore_index;
-};
 
 // bf16 as its raw bits: converting to fp32 is a 16-bit shift, exact, on host and device alike,
 // so this header needs no cuda_bf16.h.
@@ -144,7 +129,7 @@ OPSD_HD float entropy_term(float x, float log_x) { return x > 0.0f ? -x * log_x 
 
 // The per-vocab term l_v (clipped) and its weight g_v (0 where clipped); see the header note.
 template <int KIND>
-OPSD_HD void term_and_weight(float log_p, float log_q, float p, float q, const RowParams& o,
+OPSD_HD void term_and_weight(float log_p, float log_q, float p, float q, const RowOptions& o,
                              float& term, float& g) {
   if constexpr (KIND == kForwardKL) {
     term = xlog_ratio(q, log_q, log_p);
@@ -353,7 +338,7 @@ constexpr int kPackSize = static_cast<int>(std::extent_v<std::remove_reference_t
 // has_label; stats: kNumStats floats. Every member of the group calls this with the same
 // arguments.
 template <int KIND, bool SOFTCAP, int VEC, int UNROLL, class Ctx, class TS, class TT>
-OPSD_HD void divergence_row(const Ctx& ctx, const RowParams& o, const TS* s, const TT* t,
+OPSD_HD void divergence_row(const Ctx& ctx, const RowOptions& o, const TS* s, const TT* t,
                             const GradRow& g, int64_t V, bool has_label, int64_t label,
                             float coef, float* stats) {
   const bool write_grad = g.any();
@@ -509,13 +494,13 @@ OPSD_UNROLL
   if constexpr (KIND == kSampled) loss = -advantage * logp_y;
 
   if (ctx.rank() == 0) {
-    stats[0] = loss;
-    stats[1] = h_p;
-    stats[2] = h_q;
-    stats[3] = max_s + log_z_s;
-    stats[4] = max_t + log_z_t;
-    stats[5] = logp_y;
-    stats[6] = logq_y;
+    stats[kStatDivergence] = loss;
+    stats[kStatStudentEntropy] = h_p;
+    stats[kStatTeacherEntropy] = h_q;
+    stats[kStatStudentLse] = max_s + log_z_s;
+    stats[kStatTeacherLse] = max_t + log_z_t;
+    stats[kStatStudentLogprob] = logp_y;
+    stats[kStatTeacherLogprob] = logq_y;
   }
 }
 

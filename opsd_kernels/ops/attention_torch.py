@@ -38,8 +38,9 @@ from opsd_kernels.reference.attention import math_dtype, with_defaults
 # --- masked form (any device) ---------------------------------------------------------------
 
 
-# Workspace of one chunk of rows (its scores and their temporaries), as in `chunked.py`. On a
-# CPU small chunks are faster too (they stay in cache): at G=2, n=4, P=512, R=128, Hq=4, D=64,
+# Workspace of one chunk of rows (its scores and their temporaries), as in
+# `divergence_driver.py`. On a CPU small chunks are faster too (they stay in cache): at G=2,
+# n=4, P=512, R=128, Hq=4, D=64,
 # one row per chunk ran forward + backward in 0.6x the time of all eight rows at once.
 WORKSPACE_BYTES = {"cuda": 512 * 2**20, "cpu": 16 * 2**20}
 _TEMPORARIES = 8  # fp32 [rows, Hq, R, P + R]-sized buffers alive at once (measured peak)

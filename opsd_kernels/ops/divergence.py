@@ -29,13 +29,21 @@ import torch
 import triton
 import triton.language as tl
 
-from opsd_kernels.row_options import KIND_CODES, RowOptions
+from opsd_kernels.divergence_options import KIND_CODES, RowOptions
+from opsd_kernels.types import StatColumn
 
-# The codes of KIND_CODES (row_options.py), shared with the native kernels.
-FORWARD_KL: tl.constexpr = tl.constexpr(0)
-REVERSE_KL: tl.constexpr = tl.constexpr(1)
-JSD: tl.constexpr = tl.constexpr(2)
-SAMPLED: tl.constexpr = tl.constexpr(3)
+# Kind codes and stats columns from their one Python definition (shared with the native kernels).
+FORWARD_KL: tl.constexpr = tl.constexpr(KIND_CODES["forward_kl"])
+REVERSE_KL: tl.constexpr = tl.constexpr(KIND_CODES["reverse_kl"])
+JSD: tl.constexpr = tl.constexpr(KIND_CODES["jsd"])
+SAMPLED: tl.constexpr = tl.constexpr(KIND_CODES["sampled"])
+STAT_DIVERGENCE: tl.constexpr = tl.constexpr(int(StatColumn.divergence))
+STAT_STUDENT_ENTROPY: tl.constexpr = tl.constexpr(int(StatColumn.student_entropy))
+STAT_TEACHER_ENTROPY: tl.constexpr = tl.constexpr(int(StatColumn.teacher_entropy))
+STAT_STUDENT_LSE: tl.constexpr = tl.constexpr(int(StatColumn.student_lse))
+STAT_TEACHER_LSE: tl.constexpr = tl.constexpr(int(StatColumn.teacher_lse))
+STAT_STUDENT_LOGPROB: tl.constexpr = tl.constexpr(int(StatColumn.student_logprob))
+STAT_TEACHER_LOGPROB: tl.constexpr = tl.constexpr(int(StatColumn.teacher_logprob))
 
 # A finite floor for running maxima: exp(-inf - floor) = 0 where exp(-inf - -inf) would be NaN.
 _FLOOR: tl.constexpr = tl.constexpr(-1.0e30)
@@ -151,11 +159,17 @@ def divergence_rows_kernel(
     advantage = logq_y - logp_y
 
     # Pass 2, only where S = sum_v g_v has no closed form: the divergence, entropies and S.
+    # The top token (s_v == max s, when unique) is summed apart: its gradient g_top - p_top S is
+    # taken as g_top P_rest - p_top G_rest (sums over the other tokens), which on a confident
+    # row (p_top = 1 - 1e-5) does not subtract nearly equal numbers.
     NEEDS_S: tl.constexpr = (KIND == REVERSE_KL) or (KIND == JSD) or HAS_CLIP
     loss = tl.zeros((), tl.float32)
     h_p = tl.zeros((), tl.float32)
     h_q = tl.zeros((), tl.float32)
     g_sum = tl.zeros((), tl.float32) - 1.0  # forward KL: S = -sum_v q_v = -1
+    g_rest = tl.zeros((), tl.float32)
+    p_rest = tl.zeros((), tl.float32)
+    n_top = tl.zeros((), tl.float32)
     if NEEDS_S:
         g_sum = tl.zeros((), tl.float32)
         for start in range(0, v_read, BLOCK_V):
@@ -169,7 +183,11 @@ def divergence_rows_kernel(
             q = tl.exp(log_q)
             terms, g = _tile_terms(log_p, log_q, p, q, in_row, beta, clip, KIND, HAS_CLIP)
             loss += tl.sum(terms, 0)
+            is_top = s == m_s
             g_sum += tl.sum(g, 0)
+            g_rest += tl.sum(tl.where(is_top, 0.0, g), 0)
+            p_rest += tl.sum(tl.where(is_top, 0.0, p), 0)
+            n_top += tl.sum(tl.where(is_top, 1.0, 0.0), 0)
             h_p += tl.sum(_entropy_terms(p, log_p), 0)
             h_q += tl.sum(_entropy_terms(q, log_q), 0)
 
@@ -190,7 +208,8 @@ def divergence_rows_kernel(
                 grad = advantage * (p - tl.where(cols == label, 1.0, 0.0))
             else:
                 terms, g = _tile_terms(log_p, log_q, p, q, read, beta, clip, KIND, HAS_CLIP)
-                grad = g - p * g_sum
+                unique_top = tl.where(s == m_s, n_top, 0.0) == 1.0
+                grad = tl.where(unique_top, g * p_rest - p * g_rest, g - p * g_sum)
                 if not NEEDS_S:
                     loss += tl.sum(terms, 0)
             if not NEEDS_S:
@@ -203,13 +222,13 @@ def divergence_rows_kernel(
     if KIND == SAMPLED:
         loss = -advantage * logp_y
     out = stats_ptr + row * NUM_STATS
-    tl.store(out + 0, tl.where(valid, loss, 0.0))
-    tl.store(out + 1, tl.where(valid, h_p, 0.0))
-    tl.store(out + 2, tl.where(valid, h_q, 0.0))
-    tl.store(out + 3, tl.where(valid, m_s + log_z_s, 0.0))
-    tl.store(out + 4, tl.where(valid, m_t + log_z_t, 0.0))
-    tl.store(out + 5, tl.where(valid, logp_y, 0.0))
-    tl.store(out + 6, tl.where(valid, logq_y, 0.0))
+    tl.store(out + STAT_DIVERGENCE, tl.where(valid, loss, 0.0))
+    tl.store(out + STAT_STUDENT_ENTROPY, tl.where(valid, h_p, 0.0))
+    tl.store(out + STAT_TEACHER_ENTROPY, tl.where(valid, h_q, 0.0))
+    tl.store(out + STAT_STUDENT_LSE, tl.where(valid, m_s + log_z_s, 0.0))
+    tl.store(out + STAT_TEACHER_LSE, tl.where(valid, m_t + log_z_t, 0.0))
+    tl.store(out + STAT_STUDENT_LOGPROB, tl.where(valid, logp_y, 0.0))
+    tl.store(out + STAT_TEACHER_LOGPROB, tl.where(valid, logq_y, 0.0))
 
 
 def launch_config(vocab: int, on_gpu: bool) -> tuple[int, int]:

@@ -19,7 +19,7 @@
 namespace {
 
 using opsd::cuda::bf16;
-using opsd::cuda::RowParams;
+using opsd::RowOptions;
 
 struct HostGroup {
   explicit HostGroup(int n) : size(n), bar(n), buf(static_cast<size_t>(n) * kMax) {}
@@ -67,7 +67,7 @@ struct Args {
   const float* coef;
   float* stats;
   int64_t rows, vocab, s_stride, t_stride, grad_stride, stats_stride;
-  RowParams opts;
+  RowOptions opts;
 };
 
 template <int KIND, bool SOFTCAP, class T>
@@ -119,20 +119,20 @@ extern "C" int opsd_divergence_rows_host(
     float inv_tau_t, float clip, int has_clip, float softcap, int has_softcap,
     int64_t ignore_index, int threads) {
   if (threads < 1 || rows < 0 || vocab < 1 || (dtype != 0 && dtype != 1) ||
-      (grad_dtype != 0 && grad_dtype != 1) || (kind == opsd::cuda::kSampled && has_clip)) {
+      (grad_dtype != 0 && grad_dtype != 1) || (kind == opsd::kSampled && has_clip)) {
     return -1;
   }
-  const RowParams opts{kind, beta, inv_tau_s, inv_tau_t, clip, has_clip != 0,
+  const RowOptions opts{kind, beta, inv_tau_s, inv_tau_t, clip, has_clip != 0,
                        softcap, has_softcap != 0, ignore_index};
   const Args a{s,     t,        grad,     grad_dtype == 1, labels,       coef,
                stats, rows,     vocab,    s_stride,        t_stride,     grad_stride,
                stats_stride, opts};
   try {
     switch (kind) {
-      case opsd::cuda::kForwardKL: dispatch<opsd::cuda::kForwardKL>(a, dtype == 1, threads); break;
-      case opsd::cuda::kReverseKL: dispatch<opsd::cuda::kReverseKL>(a, dtype == 1, threads); break;
-      case opsd::cuda::kJSD: dispatch<opsd::cuda::kJSD>(a, dtype == 1, threads); break;
-      case opsd::cuda::kSampled: dispatch<opsd::cuda::kSampled>(a, dtype == 1, threads); break;
+      case opsd::kForwardKL: dispatch<opsd::kForwardKL>(a, dtype == 1, threads); break;
+      case opsd::kReverseKL: dispatch<opsd::kReverseKL>(a, dtype == 1, threads); break;
+      case opsd::kJSD: dispatch<opsd::kJSD>(a, dtype == 1, threads); break;
+      case opsd::kSampled: dispatch<opsd::kSampled>(a, dtype == 1, threads); break;
       default: return -1;
     }
   } catch (const std::exception&) {

@@ -1,4 +1,4 @@
-"""The per-row divergence step in plain PyTorch: the CPU fallback of `ops/divergence.py`.
+"""The per-row divergence step in plain PyTorch: the CPU fallback of the Triton kernel.
 
 Same contract as the Triton launcher `divergence_rows_triton_`: given raw logits of both roles
 for a block of rows, write per-row statistics and (optionally) d loss / d student logits over
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from opsd_kernels.row_options import RowOptions
+from opsd_kernels.divergence_options import RowOptions
+from opsd_kernels.types import DivergenceStats
 
 # Log-probabilities are floored here so that a zero probability (a -inf logit, or underflow)
 # times its log is 0 * finite = 0 rather than 0 * -inf = NaN; exp(_LOG_FLOOR) is exactly 0.
@@ -37,17 +38,13 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
-def divergence_rows_torch_(
-    s: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    coef: torch.Tensor,
-    stats: torch.Tensor,
-    opts: RowOptions,
-    write_grad: bool,
-) -> None:
-    """Fill `stats` [C, NUM_STATS]; s is clobbered, and holds coef_i * d D_i / d z_S if
-    write_grad. t is only read."""
+def divergence_rows_torch_(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                           coef: torch.Tensor, stats: torch.Tensor, opts: RowOptions,
+                           write_grad: bool) -> None:
+    """Fill `stats` [C, NUM_STATS]; with write_grad, s then holds coef_i * d D_i / d z_S (and
+    is left as it was otherwise). t is only read."""
+    if not write_grad:
+        s = s.clone()  # the step works in place over the student logits
     valid = None if labels is None else labels != opts.ignore_index
     # d s_scaled / d z: a scalar, or per element with soft-capping.
     ds_dz: torch.Tensor | float = opts.inv_tau_s
@@ -59,6 +56,11 @@ def divergence_rows_torch_(
     else:
         s.mul_(opts.inv_tau_s)
         t = t * opts.inv_tau_t
+    needs_s = write_grad and opts.kind != "sampled" and (
+        opts.kind != "forward_kl" or opts.clip is not None)
+    if needs_s:  # the top token of each row, before s becomes log p
+        top = s.argmax(-1, keepdim=True)
+        unique_top = (s == s.gather(-1, top)).sum(-1, keepdim=True) == 1
     log_p, p, lse_s = _log_softmax_(s)
     log_q, q, lse_t = _log_softmax_(t)
 
@@ -73,8 +75,9 @@ def divergence_rows_torch_(
     if opts.kind == "sampled":
         advantage = logq_y - logp_y
         loss = -advantage * logp_y
-        grad = p.mul_(advantage.unsqueeze(-1))
-        grad.scatter_add_(-1, safe, -advantage.unsqueeze(-1))
+        # a (p_j - [j = y]), with p_y - 1 formed before the product (exact for p_y near 1)
+        grad = p.scatter_add_(-1, safe, torch.full_like(logp_y, -1.0).unsqueeze(-1))
+        grad.mul_(advantage.unsqueeze(-1))
     else:
         terms, g = _terms_and_weights(log_p, log_q, p, q, opts)
         if opts.clip is not None:
@@ -84,10 +87,13 @@ def divergence_rows_torch_(
         else:
             loss = terms.sum(-1)
         del terms
-        # d D / d s_j = g_j - p_j sum_v g_v  (g already zeroed on clipped terms)
-        grad = g.addcmul_(p, g.sum(-1, keepdim=True), value=-1)
+        # d D / d s_j = g_j - p_j S, S = sum_v g_v (g already zeroed on clipped terms); forward
+        # KL without clipping has S = -sum_v q_v = -1.
+        grad = _minus_p_times_sum_(g, p, top, unique_top) if needs_s else g.add_(p)
 
-    rows = torch.stack([loss, h_p, h_q, lse_s, lse_t, logp_y, logq_y], dim=-1)
+    rows = torch.stack(DivergenceStats(
+        divergence=loss, student_entropy=h_p, teacher_entropy=h_q, student_lse=lse_s,
+        teacher_lse=lse_t, student_logprob=logp_y, teacher_logprob=logq_y), dim=-1)
     if valid is not None:
         rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros_like(rows))
     stats.copy_(rows)
@@ -100,6 +106,21 @@ def divergence_rows_torch_(
         torch.mul(grad, (row_coef * ds_dz).unsqueeze(-1), out=s)
         if valid is not None:
             s.masked_fill_(~valid.unsqueeze(-1), 0.0)  # masked rows may hold inf / NaN logits
+
+
+def _minus_p_times_sum_(g: torch.Tensor, p: torch.Tensor, top: torch.Tensor,
+                        unique_top: torch.Tensor) -> torch.Tensor:
+    """g_j - p_j S with S = sum_v g_v, in place over g. On the top token (when unique) it is
+    g_top P_rest - p_top G_rest, the sums taken over the other tokens: on a confident row
+    (p_top = 1 - 1e-5) g_top - p_top S subtracts nearly equal numbers and loses most of its
+    digits (see csrc/cuda/divergence_row.h, which sums the same way)."""
+    g_top, p_top = g.gather(-1, top), p.gather(-1, top)
+    rest = torch.ones_like(p).scatter_(-1, top, 0.0)
+    g_rest = _rowdot(g, rest).unsqueeze(-1)
+    p_rest = _rowdot(p, rest).unsqueeze(-1)
+    grad = g.addcmul_(p, g_top + g_rest, value=-1)
+    at_top = torch.where(unique_top, g_top * p_rest - p_top * g_rest, grad.gather(-1, top))
+    return grad.scatter_(-1, top, at_top)
 
 
 def _terms_and_weights(
