@@ -22,15 +22,12 @@ gathered per token), biases, "sequence_mean".
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
+from opsd_kernels import _validate as v
 from opsd_kernels.types import DivergenceKind
 
-_KINDS = ("jsd", "forward_kl", "reverse_kl", "sampled")
-_REDUCTIONS = ("mean", "sum", "none")
 _TINY = 1.1754944e-38  # smallest normal fp32: keeps log m finite where p is subnormal
 # Columns of the third all-reduce.
 _D, _S, _HP, _HQ, _LOGP_Y, _LOGQ_Y = range(6)
@@ -246,14 +243,15 @@ def vocab_parallel_linear_divergence(
     Returns:
         The loss: a scalar, or [N] per-token values for reduction "none".
     """
-    if top_k is not None:
-        raise ValueError("top_k: not supported in the vocabulary-parallel form (the top-k "
-                         "support is a selection over the whole vocabulary)")
-    if divergence not in _KINDS:
-        raise ValueError(f"divergence: {divergence!r}; expected one of {_KINDS}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: {reduction!r}; expected one of {_REDUCTIONS} (the "
-                         "vocabulary-parallel form has no 'sequence_mean')")
+    v.check(top_k is None, "top_k: not supported in the vocabulary-parallel form (the top-k "
+            "support is a selection over the whole vocabulary)")
+    v.check(reduction != "sequence_mean", "reduction: 'sequence_mean' is not supported in the "
+            "vocabulary-parallel form")
+    v.check_options(divergence=divergence, beta=beta, temperature=temperature,
+                    teacher_temperature=teacher_temperature, top_k=None,
+                    top_k_source="teacher", tail_bucket=False, clip=clip,
+                    logit_softcap=logit_softcap, reduction=reduction, vocab=vocab_size,
+                    has_labels=labels is not None, chunk_size=chunk_size)
     if student_hidden.dim() != 2 or teacher_hidden.shape != student_hidden.shape:
         raise ValueError(f"student_hidden / teacher_hidden: expected two [N, H] tensors of one "
                          f"shape, got {tuple(student_hidden.shape)} and "
@@ -272,20 +270,10 @@ def vocab_parallel_linear_divergence(
     if not 0 <= vocab_start <= vocab_size - weight_shard.shape[0]:
         raise ValueError(f"vocab_start: {vocab_start} with {weight_shard.shape[0]} rows lies "
                          f"outside the vocabulary [0, {vocab_size})")
-    if divergence == "sampled" and labels is None:
-        raise ValueError("labels: the sampled-token estimator needs the sampled token ids")
-    if labels is not None and labels.shape != student_hidden.shape[:1]:
-        raise ValueError(f"labels: expected [{student_hidden.shape[0]}], got "
-                         f"{tuple(labels.shape)}")
-    if token_weights is not None and token_weights.shape != student_hidden.shape[:1]:
-        raise ValueError(f"token_weights: expected [{student_hidden.shape[0]}], got "
-                         f"{tuple(token_weights.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: {chunk_size}; expected >= 1")
-    for name, tau in (("temperature", temperature), ("teacher_temperature",
-                                                     teacher_temperature)):
-        if tau is not None and not (tau > 0 and math.isfinite(tau)):
-            raise ValueError(f"{name}: {tau}; expected a positive finite number")
+    if labels is not None:
+        v.check_labels(labels, student_hidden.shape[:1], vocab_size, ignore_index)
+    if token_weights is not None:
+        v.check_token_weights(token_weights, student_hidden.shape[:1])
     options = _Options(divergence, beta, temperature,
                        temperature if teacher_temperature is None else teacher_temperature,
                        clip, logit_softcap, vocab_start, group)

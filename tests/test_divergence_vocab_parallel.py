@@ -50,12 +50,16 @@ def test_refused_options_name_the_argument() -> None:
     kwargs = dict(vocab_start=0, vocab_size=5)
     cases = [
         (dict(top_k=2), "top_k: not supported"),
-        (dict(reduction="sequence_mean"), "reduction: 'sequence_mean'"),
-        (dict(divergence="sampled"), "labels: the sampled-token estimator"),
+        (dict(reduction="sequence_mean"), "reduction: 'sequence_mean' is not supported"),
+        (dict(divergence="sampled"), "labels: divergence='sampled' needs"),
         (dict(vocab_start=3), "vocab_start: 3 with 5 rows"),
-        (dict(temperature=0.0), "temperature: 0.0"),
-        (dict(chunk_size=0), "chunk_size: 0"),
-        (dict(labels=torch.zeros(3, dtype=torch.long)), "labels: expected \\[4\\]"),
+        (dict(temperature=0.0), "temperature: must be a finite number > 0, got 0.0"),
+        (dict(beta=1.5), "beta: must be in \\[0, 1\\]"),
+        (dict(clip=-1.0), "clip: must be a finite number > 0"),
+        (dict(chunk_size=0), "chunk_size: must be a positive integer"),
+        (dict(labels=torch.zeros(3, dtype=torch.long)), "labels: expected shape \\(4,\\)"),
+        (dict(labels=torch.full((4,), 7)), "labels: values must be in \\[0, 5\\)"),
+        (dict(token_weights=torch.ones(4, requires_grad=True)), "token_weights: must not"),
     ]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
