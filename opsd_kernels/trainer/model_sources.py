@@ -76,6 +76,9 @@ def resolve(model: str) -> str:
             raise ValueError(f"model: {model} does not exist")
         return str(convert_gguf(path))
     if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model: {model} has no config.json: not a Hugging Face model "
+                             "directory")
         return str(path)
     if path.exists():
         raise ValueError(f"model: {model} is a file, not a .gguf file or a model directory")

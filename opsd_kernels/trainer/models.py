@@ -30,8 +30,8 @@ def resolve_dtype(config: OPSDConfig, device: torch.device) -> torch.dtype:
 
 
 def load_model_and_tokenizer(config: OPSDConfig) -> tuple[nn.Module, Any]:
-    """``config.model`` from a local directory (never downloaded), or the embedded tiny
-    model ("tiny"), in the config's dtype on its device."""
+    """``config.model`` (see `model_sources`: the embedded tiny model, a preset, a GGUF file,
+    a model directory or a hub id) in the config's dtype on its device."""
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     if config.model == "tiny":
@@ -42,10 +42,16 @@ def load_model_and_tokenizer(config: OPSDConfig) -> tuple[nn.Module, Any]:
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model,
-                                                  local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype,
-                                                     local_files_only=True)
+        from opsd_kernels.trainer.model_sources import resolve
+
+        source = resolve(config.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve(config.tokenizer) if config.tokenizer else source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except (OSError, ValueError) as err:  # a hub id offline; a directory missing files
+            raise ValueError(f"model: {config.model!r} could not be loaded: "
+                             f"{str(err).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device=device, dtype=dtype), tokenizer
