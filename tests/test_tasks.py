@@ -91,3 +91,19 @@ def test_bad_split_and_count() -> None:
 ])
 def test_grading_tricky_answers(response: str, reference: str, correct: bool) -> None:
     assert is_correct(response, reference) is correct
+
+
+@pytest.mark.parametrize("response, reference, correct", [
+    ("81 - 70 = 11", "11", True),                           # the last number
+    ("69 - 31 = 22.", "38", False),
+    ("so the result is -12.", "-12", True),
+    ("1,776 apples", "1776", True),
+    ("first 11, then \\boxed{12}", "11", False),            # a box always wins
+    ("\\boxed{11", "11", False),                            # a truncated box is no answer
+    ("no number here", "11", False),
+])
+def test_unboxed_fallback_grades_the_last_number(response: str, reference: str,
+                                                 correct: bool) -> None:
+    assert is_correct(response, reference, unboxed=True) is correct
+    if "\\boxed" not in response:
+        assert not is_correct(response, reference)  # off by default

@@ -1,5 +1,6 @@
 """Final answers: the last ``\\boxed{...}`` of a text, graded with math-verify when it is
-installed and by normalised exact match otherwise. Logged only; never part of the loss."""
+installed and by normalised exact match otherwise; on request (``unboxed=True``), a text with no
+box at all is graded on its last number. Logged only; never part of the loss."""
 
 from __future__ import annotations
 
@@ -37,9 +38,22 @@ def _math_verify():
     return math_verify
 
 
-def is_correct(response: str, reference: str | None) -> bool:
-    """Whether the response's final boxed answer equals ``reference``."""
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` (sign, thousands separators and decimals kept)."""
+    found = _NUMBER.findall(text)
+    return found[-1].rstrip(",") if found else None
+
+
+def is_correct(response: str, reference: str | None, *, unboxed: bool = False) -> bool:
+    """Whether the response's final boxed answer equals ``reference``. With ``unboxed``, a
+    response without any ``\\boxed{}`` is graded on its last number instead (for models that
+    answer in plain text; a response with a box is always graded on its last box)."""
     predicted = last_boxed(response)
+    if predicted is None and unboxed and _BOXED not in response:
+        predicted = last_number(response)
     if predicted is None or reference is None:
         return False
     if _normalise(predicted) == _normalise(reference):
