@@ -8,8 +8,9 @@ The Hugging Face integration lives in `opsd_kernels.prefix` (imported on demand)
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from opsd_kernels._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -36,14 +37,4 @@ if TYPE_CHECKING:  # the names for type checkers ("as" marks them re-exported)
     from opsd_kernels.losses import fused_linear_divergence as fused_linear_divergence
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'opsd_kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -9,8 +9,9 @@ use, so reading the config (`opsd train --help`) does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from opsd_kernels._lazy import lazy_exports
 
 # public name -> the module defining it
 _EXPORTS = {
@@ -39,14 +40,4 @@ if TYPE_CHECKING:  # the names for type checkers ("as" marks them re-exported)
     from opsd_kernels.trainer.trainer import OPSDTrainer as OPSDTrainer
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'opsd_kernels.trainer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
