@@ -29,7 +29,7 @@ def evaluate(model: nn.Module, tokenizer: Any, problems: list[EncodedProblem],
     if engine is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id)
-        engine = HFGenerateEngine(model, pad, tokenizer.eos_token_id)
+        engine = HFGenerateEngine(model, pad, tokenizer.eos_token_id, share_prompts=True)
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index,
                                                       accelerator.num_processes)
     mine = problems[rank::world]

@@ -108,7 +108,9 @@ class HFGenerateEngine:
     def _cache_name(self) -> str:
         """The KV cache's name in this transformers: `cache` from 5.2x on, `past_key_values`
         before (the old name still works there, with a deprecation warning)."""
-        forward = inspect.signature(self.model.forward).parameters
+        from opsd_kernels._peft import causal_lm  # PeftModel.forward only says **kwargs
+
+        forward = inspect.signature(causal_lm(self.model).forward).parameters
         return "cache" if "cache" in forward else "past_key_values"
 
 

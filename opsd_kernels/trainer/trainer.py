@@ -92,7 +92,8 @@ class OPSDTrainer:
         self.objective, self.optimizer, self.scheduler = self.accelerator.prepare(
             self.objective, self.optimizer, self.scheduler)
         self.params = params
-        self.engine = rollout_engine or HFGenerateEngine(model, pad, tokenizer.eos_token_id)
+        self.engine = rollout_engine or HFGenerateEngine(model, pad, tokenizer.eos_token_id,
+                                                          share_prompts=True)
         self.progress = checkpoint.Progress()
         self._checkpointed = (self.progress, self.teacher)
         self.accelerator.register_for_checkpointing(*self._checkpointed)
