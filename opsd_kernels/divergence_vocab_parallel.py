@@ -76,14 +76,15 @@ def _entropy(x: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
 
 
 class _Options:
-    def __init__(self, kind, beta, tau_s, tau_t, clip, softcap, vocab_start, group):
+    def __init__(self, kind, beta, tau_s, tau_t, clip, softcap, ignore_index, vocab_start,
+                 group):
         if kind == "jsd" and beta == 0.0:
             kind = "forward_kl"  # TRL's endpoints: the mixture formula vanishes there
         elif kind == "jsd" and beta == 1.0:
             kind = "reverse_kl"
         self.kind, self.beta, self.clip, self.softcap = kind, beta, clip, softcap
         self.inv_tau_s, self.inv_tau_t = 1.0 / tau_s, 1.0 / tau_t
-        self.vocab_start, self.group = vocab_start, group
+        self.ignore_index, self.vocab_start, self.group = ignore_index, vocab_start, group
 
 
 def _chunk(h_s, w_s, h_t, w_t, labels, valid, coef, o: _Options, need_grad: bool):
@@ -276,8 +277,7 @@ def vocab_parallel_linear_divergence(
         v.check_token_weights(token_weights, student_hidden.shape[:1])
     options = _Options(divergence, beta, temperature,
                        temperature if teacher_temperature is None else teacher_temperature,
-                       clip, logit_softcap, vocab_start, group)
-    options.ignore_index = ignore_index
+                       clip, logit_softcap, ignore_index, vocab_start, group)
     return _VocabParallelDivergence.apply(
         student_hidden, weight_shard, teacher_hidden.detach(), teacher_weight_shard.detach(),
         labels, token_weights, options, reduction, chunk_size, reduce_hidden_grad)

@@ -58,7 +58,7 @@ def _tiny_wheel(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_dry_run_goes_through_every_step(tmp_path: Path, monkeypatch) -> None:
+def test_dry_run_goes_through_every_step(tmp_path: Path) -> None:
     wheel = _tiny_wheel(tmp_path / "wheels")
     out = tmp_path / "out"
     proc = _run("--dry-run", "--wheels", str(wheel.parent), "--out", str(out),
