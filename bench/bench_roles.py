@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_rollouts import load  # noqa: E402
+from bench.bench_rollouts import chat_prompts, load  # noqa: E402
 from opsd_kernels.trainer import tasks  # noqa: E402
 from opsd_kernels.trainer.answers import is_correct  # noqa: E402
 from opsd_kernels.trainer.rollouts import HFGenerateEngine, SamplingParams  # noqa: E402
@@ -42,10 +42,7 @@ TEACHER = ("{problem}\n\nHere is a reference solution:\n{solution}\n\nAfter unde
 def accuracy(engine, tokenizer, rows, template: str, params: SamplingParams
              ) -> tuple[float, float]:
     """(boxed-only accuracy, accuracy with the last-number fallback)."""
-    prompts = [tokenizer.apply_chat_template(
-        [{"role": "user", "content": template.format(**r)}], add_generation_prompt=True,
-        tokenize=True, return_dict=False) for r in rows]
-    responses = engine.generate(prompts, params)
+    responses = engine.generate(chat_prompts(tokenizer, rows, template), params)
     per = params.num_samples
     texts = [tokenizer.decode(resp, skip_special_tokens=True) for resp in responses]
     answers = [rows[i // per]["answer"] for i in range(len(texts))]

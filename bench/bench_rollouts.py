@@ -46,11 +46,16 @@ def load(model: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
 
 
+def chat_prompts(tokenizer, rows: list[dict[str, str]], template: str) -> list[list[int]]:
+    """Token ids of each row's `template` (a str.format of its fields) as one user turn."""
+    return [tokenizer.apply_chat_template(
+        [{"role": "user", "content": template.format(**r)}], add_generation_prompt=True,
+        tokenize=True, return_dict=False) for r in rows]
+
+
 def prompts(tokenizer, task: str, n: int) -> list[list[int]]:
     rows = tasks.generate(task, n, split="eval", seed=0)
-    return [tokenizer.apply_chat_template(
-        [{"role": "user", "content": r["problem"] + " Put the final answer in \\boxed{}."}],
-        add_generation_prompt=True, tokenize=True, return_dict=False) for r in rows]
+    return chat_prompts(tokenizer, rows, "{problem} Put the final answer in \\boxed{{}}.")
 
 
 def main(argv: list[str] | None = None) -> int:
