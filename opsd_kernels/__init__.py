@@ -22,6 +22,7 @@ _EXPORTS = {
     "divergence_stats": "opsd_kernels.losses",
     "env_report": "opsd_kernels._backend",
     "fused_linear_divergence": "opsd_kernels.losses",
+    "fused_linear_logprobs": "opsd_kernels.logprobs",
     "shared_prefix_attention": "opsd_kernels.attention",
 }
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # the names for type checkers ("as" marks them re-exported)
     from opsd_kernels.losses import FusedLinearDivergenceLoss as FusedLinearDivergenceLoss
     from opsd_kernels.losses import divergence as divergence
     from opsd_kernels.losses import divergence_stats as divergence_stats
+    from opsd_kernels.logprobs import fused_linear_logprobs as fused_linear_logprobs
     from opsd_kernels.losses import fused_linear_divergence as fused_linear_divergence
 
 
