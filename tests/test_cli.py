@@ -133,7 +133,7 @@ def test_train_help_lists_every_config_field_with_default_and_meaning(capsys) ->
         assert f"--{field.name}" in text, field.name
         meaning = " ".join(field.metadata["help"].split())
         assert meaning in text, field.name
-    assert "--config" in text and "{opsd,sft}" in text and "(default: 100)" in text
+    assert "--config" in text and "{opsd,sft,grpo}" in text and "(default: 100)" in text
 
 
 @pytest.mark.parametrize("command, expected", [

@@ -117,8 +117,8 @@ def _nan_on_steps(trainer: OPSDTrainer, steps: set[int], monkeypatch) -> None:
     """The objective's loss becomes NaN on the given (1-based) steps."""
     forward = trainer.objective.forward
 
-    def poisoned(batch, num_items):
-        loss, sums = forward(batch, num_items)
+    def poisoned(batch, num_items, *targets):
+        loss, sums = forward(batch, num_items, *targets)
         return (loss * float("nan") if trainer.step + 1 in steps else loss), sums
 
     monkeypatch.setattr(trainer.objective, "forward", poisoned)

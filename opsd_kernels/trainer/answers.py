@@ -67,7 +67,31 @@ def is_correct(response: str, reference: str | None, *, unboxed: bool = False) -
         return False
 
 
-def count_correct(tokenizer: Any, responses: list[list[int]], answers: list[str | None]) -> int:
-    """How many decoded responses end in the matching boxed answer."""
+def correct_flags(tokenizer: Any, responses: list[list[int]], answers: list[str | None], *,
+                  unboxed: bool = False) -> list[float]:
+    """1.0 for each decoded response whose final answer matches, else 0.0 (see `is_correct`)."""
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return sum(is_correct(t, a) for t, a in zip(texts, answers, strict=True))
+    return [float(is_correct(t, a, unboxed=unboxed))
+            for t, a in zip(texts, answers, strict=True)]
+
+
+def count_correct(tokenizer: Any, responses: list[list[int]], answers: list[str | None], *,
+                  unboxed: bool = False) -> int:
+    """How many decoded responses end in the matching final answer."""
+    return int(sum(correct_flags(tokenizer, responses, answers, unboxed=unboxed)))
+
+
+def group_advantages(rewards: list[float], group_size: int) -> list[float]:
+    """GRPO's advantages: each reward minus its group's mean, over the group's standard
+    deviation (unbiased, + 1e-4 so a group of equal rewards gets zeros), as TRL's
+    ``scale_rewards="group"``. Groups are consecutive runs of ``group_size``."""
+    if group_size < 2 or len(rewards) % group_size:
+        raise ValueError(f"group_advantages: {len(rewards)} rewards do not form groups of "
+                         f"{group_size} (>= 2)")
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start:start + group_size]
+        mean = sum(group) / group_size
+        std = (sum((r - mean) ** 2 for r in group) / (group_size - 1)) ** 0.5
+        out += [(r - mean) / (std + 1e-4) for r in group]
+    return out

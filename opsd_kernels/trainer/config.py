@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Method = Literal["opsd", "sft"]
+Method = Literal["opsd", "sft", "grpo"]
 TeacherMode = Literal["current", "fixed", "ema"]
 Overlong = Literal["skip", "truncate"]
 
@@ -63,24 +63,30 @@ class OPSDConfig:
 
     # method and teacher
     method: Method = _field("opsd", "opsd: on-policy self-distillation; sft: the supervised "
-                            "baseline (cross-entropy on the reference solutions)")
+                            "baseline (cross-entropy on the reference solutions); grpo: the RL "
+                            "baseline (reward 1 for a correct final answer, group-normalised "
+                            "advantages, TRL's dapo loss)")
     teacher_mode: TeacherMode = _field(
         "current", "the teacher's weights: current (the student's, no grad), fixed (the "
         "initial policy: LoRA adapters off; needs lora), ema (a moving average)")
     ema_decay: float = _field(0.99, "teacher_mode ema: ema <- decay * ema + (1 - decay) * w")
 
     # data
-    train_data: str | None = _field(None, ".jsonl, .parquet or a directory saved by datasets "
-                                    "(required by opsd train)")
-    eval_data: str | None = _field(None, "held-out problems, same format (required by opsd "
-                                   "eval)")
+    train_data: str | None = _field(None, ".jsonl, .parquet, a directory saved by datasets, or "
+                                    "a built-in task (task:addition:2; see "
+                                    "opsd_kernels/trainer/tasks.py) (required by opsd train)")
+    eval_data: str | None = _field(None, "held-out problems, same formats; a task gives its "
+                                   "eval split (required by opsd eval)")
+    task_train_problems: int = _field(2000, "problems drawn from a task's train split")
+    task_eval_problems: int = _field(64, "problems drawn from a task's eval split")
     problem_column: str = _field("problem", "column holding the problem text")
     solution_column: str = _field("solution", "column holding the reference solution")
     answer_column: str | None = _field("answer", "column holding the final answer; null or "
                                        "missing: the solution's last \\boxed{}")
     student_template: str = _field(STUDENT_TEMPLATE, "student prompt, with {problem}")
     teacher_template: str = _field(TEACHER_TEMPLATE, "teacher prompt, with {problem} and "
-                                   "{solution}")
+                                   "{solution} (the reference solution) and / or {answer} (its "
+                                   "final answer only)")
     system_prompt: str | None = _field(None, "system message (or a text before the prompt)")
     chat_template: bool | None = _field(None, "wrap prompts in the tokenizer's chat template; "
                                         "null: when it has one")
@@ -107,6 +113,10 @@ class OPSDConfig:
                                 "point-wise clipping); null: off")
     shared_prefix: bool = _field(True, "compute each prompt once per role (Llama, Qwen2, Qwen3, "
                                  "Mistral)")
+    sft_loss_weight: float = _field(0.0, "opsd only: add this weight x the cross-entropy of the "
+                                    "reference solutions under the student prompt")
+    grade_unboxed: bool = _field(False, "grade a response without any \\boxed{} on its last "
+                                 "number (rewards of grpo, logged and eval accuracy)")
     # A small model from scratch (the demo) cannot yet use a reference solution in its context.
     sft_teacher_prompts: bool = _field(False, "sft only: also train on the teacher prompts")
 
@@ -177,7 +187,8 @@ class OPSDConfig:
         """Raise ValueError naming the first field whose value cannot work."""
         positive = ("num_rollouts", "max_new_tokens", "problems_per_step",
                     "gradient_accumulation_steps", "max_steps", "max_prompt_length",
-                    "logging_steps", "lora_rank", "max_nonfinite_steps")
+                    "logging_steps", "lora_rank", "max_nonfinite_steps", "task_train_problems",
+                    "task_eval_problems")
         for name in positive:
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         for name in ("eval_steps", "save_steps", "warmup_steps", "rollout_top_k"):
@@ -199,12 +210,18 @@ class OPSDConfig:
                  "lora: true, or use 'ema' / 'current' for full fine-tuning")
         _require(self.divergence != "sampled" or self.loss_top_k is None, "loss_top_k",
                  "does not apply to divergence 'sampled'")
-        for name in ("student_template", "teacher_template"):
-            _require("{problem}" in getattr(self, name), name, "must contain {problem}")
-        _require("{solution}" in self.teacher_template, "teacher_template",
-                 "must contain {solution} (the privileged context)")
-        _check_placeholders("student_template", self.student_template, {"problem"})
-        _check_placeholders("teacher_template", self.teacher_template, {"problem", "solution"})
+        _require(self.sft_loss_weight >= 0, "sft_loss_weight", "must be >= 0")
+        _require(self.sft_loss_weight == 0 or self.method == "opsd", "sft_loss_weight",
+                 f"applies to method opsd only (method is {self.method!r})")
+        _require(self.method != "grpo" or self.num_rollouts >= 2, "num_rollouts",
+                 "grpo normalises rewards within each problem's group: needs >= 2")
+        student = _check_placeholders("student_template", self.student_template, {"problem"})
+        teacher = _check_placeholders("teacher_template", self.teacher_template,
+                                      {"problem", "solution", "answer"})
+        _require("problem" in student, "student_template", "must contain {problem}")
+        _require("problem" in teacher, "teacher_template", "must contain {problem}")
+        _require(bool(teacher & {"solution", "answer"}), "teacher_template",
+                 "must contain {solution} or {answer} (the privileged context)")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -212,7 +229,8 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"config.{name}: {message}")
 
 
-def _check_placeholders(name: str, template: str, allowed: set[str]) -> None:
+def _check_placeholders(name: str, template: str, allowed: set[str]) -> set[str]:
+    """The placeholders ``template`` uses, all of them in ``allowed``."""
     import string
 
     try:
@@ -223,6 +241,7 @@ def _check_placeholders(name: str, template: str, allowed: set[str]) -> None:
     extra = used - allowed
     _require(not extra, name, f"unknown placeholder(s) {sorted(extra)}; allowed: "
              f"{sorted(allowed)} (write literal braces as {{{{ and }}}})")
+    return used
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

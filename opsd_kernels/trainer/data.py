@@ -93,5 +93,25 @@ def load_problems(source: str | Path | Iterable[Mapping[str, Any]], *,
     return problems
 
 
+TASK_PREFIX = "task:"
+
+
+def load_data(source: str | Path | Iterable[Mapping[str, Any]], config: Any,
+              split: str) -> list[Problem]:
+    """``source`` read per ``config`` (an `OPSDConfig`): a built-in task
+    (``task:addition:2``) gives ``config.task_{split}_problems`` problems of its ``split``
+    (``train`` or ``eval``; always drawn with seed 0, so every run of a comparison sees the same
+    problems), anything else goes to `load_problems` with the config's columns."""
+    if isinstance(source, str) and source.startswith(TASK_PREFIX):
+        from opsd_kernels.trainer import tasks
+
+        count = getattr(config, f"task_{split}_problems")
+        return load_problems(tasks.generate(source.removeprefix(TASK_PREFIX), count,
+                                            split=split, seed=0))
+    return load_problems(source, problem_column=config.problem_column,
+                         solution_column=config.solution_column,
+                         answer_column=config.answer_column)
+
+
 def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())

@@ -38,7 +38,8 @@ def evaluate(model: nn.Module, tokenizer: Any, problems: list[EncodedProblem],
     prompts = [p.student if prompt == "student" else p.teacher for p in mine]
     responses = engine.generate(prompts, params) if mine else []
     correct = count_correct(tokenizer, responses,
-                            [p.answer for p in mine for _ in range(num_samples)])
+                            [p.answer for p in mine for _ in range(num_samples)],
+                            unboxed=config.grade_unboxed)
     counts = torch.tensor([float(correct), float(len(responses)),
                            float(sum(len(r) for r in responses))])
     if accelerator is not None:
@@ -53,7 +54,7 @@ def evaluate_checkpoint(config: OPSDConfig, checkpoint: str | Path | None = None
     """Greedy accuracy on ``config.eval_data`` of ``config.model`` (LoRA added per the config),
     with the weights of ``checkpoint`` (a run's checkpoints/checkpoint_N or final directory)
     when given."""
-    from opsd_kernels.trainer.data import load_problems
+    from opsd_kernels.trainer.data import load_data
     from opsd_kernels.trainer.models import check_model, load_model_and_tokenizer, prepare_model
     from opsd_kernels.trainer.prompts import PromptEncoder
 
@@ -61,9 +62,8 @@ def evaluate_checkpoint(config: OPSDConfig, checkpoint: str | Path | None = None
         raise ValueError("config.eval_data: required for opsd eval (--eval_data FILE)")
     model, tokenizer = load_model_and_tokenizer(config)
     check_model(model, config)
-    problems, report = PromptEncoder(tokenizer, config).encode_all(load_problems(
-        config.eval_data, problem_column=config.problem_column,
-        solution_column=config.solution_column, answer_column=config.answer_column))
+    problems, report = PromptEncoder(tokenizer, config).encode_all(
+        load_data(config.eval_data, config, "eval"))
     print(f"eval data: {report}", flush=True)
     model = prepare_model(model, config)
     if checkpoint is not None:

@@ -1,8 +1,14 @@
 """The training objective of one micro-batch, as an nn.Module so accelerate's DDP wrapper
-covers it whole: the student's and the teacher's final hidden states at the
-response tokens, then the fused divergence on the shared lm_head (or, for the supervised
-baseline, cross-entropy on the reference solutions, a chunk of rows at a time).
+covers it whole. Per method:
 
+- opsd: the student's and the teacher's final hidden states at the response tokens, then the
+  fused divergence on the shared lm_head (plus, with ``sft_loss_weight``, that weight times the
+  cross-entropy of the reference solutions under the student prompt);
+- sft: cross-entropy of the reference solutions;
+- grpo: the policy-gradient loss of GRPO (TRL's "dapo" form, one update per rollout batch):
+  -A exp(log p - sg(log p)) per response token, A the response's group-normalised reward.
+
+Log-probabilities come from `fused_linear_logprobs`, so no method forms [tokens x vocab] logits.
 Hidden state j of a role predicts response token j, so it sits one position before it: the
 prompt's last token for j = 0, response token j - 1 after that.
 """
@@ -12,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from opsd_kernels._peft import causal_lm
+from opsd_kernels.logprobs import fused_linear_logprobs
 from opsd_kernels.losses import fused_linear_divergence
 from opsd_kernels.prefix import (
     PrefixState,
@@ -29,7 +34,6 @@ from opsd_kernels.trainer.prompts import EncodedProblem
 from opsd_kernels.trainer.teacher import Teacher
 
 IGNORE = -100
-_CE_WORKSPACE = 1 << 28  # bytes of fp32 logits per cross-entropy chunk
 
 
 @dataclass
@@ -37,6 +41,8 @@ class RolloutBatch:
     problems: list[EncodedProblem]  # G
     responses: list[list[int]]  # B, each non-empty
     group_index: list[int]  # B, in [0, G): the problem of each response
+    advantages: list[float] | None = None  # B, grpo: each response's advantage
+    rewards: list[float] | None = None  # B: 1 for a correct final answer, else 0
 
     @property
     def num_tokens(self) -> int:
@@ -53,26 +59,10 @@ def pad_rows(rows: list[list[int]], pad: int, device: torch.device,
     return ids.to(device), lengths.to(device)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          num_items: torch.Tensor) -> torch.Tensor:
-    """sum of -log p(label) over labelled rows / num_items; each chunk's logits are recomputed
-    in backward instead of kept (O(chunk x V) memory)."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    keep = (y != IGNORE).nonzero().squeeze(1)
-    flat, y = flat.index_select(0, keep), y.index_select(0, keep)
-    if flat.shape[0] == 0:
-        return hidden.sum() * 0.0  # keeps the graph (DDP expects every gradient)
-    rows = max(1, _CE_WORKSPACE // (4 * weight.shape[0]))
-    sums = [checkpoint(_ce_sum, flat[start:start + rows], weight, y[start:start + rows],
-                       use_reentrant=False) for start in range(0, flat.shape[0], rows)]
-    return torch.stack(sums).sum() / num_items
-
-
-def _ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = h @ w.t()
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y,
-                           reduction="sum")
+def sum_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """sum of -log p(label) over the labelled tokens (fused: no [tokens x vocab] logits)."""
+    return -fused_linear_logprobs(hidden, weight, labels, ignore_index=IGNORE).sum()
 
 
 class DistillationObjective(nn.Module):
@@ -85,8 +75,11 @@ class DistillationObjective(nn.Module):
         self.pad_token_id = pad_token_id
 
     def forward(self, batch: RolloutBatch, num_items: torch.Tensor,
+                targets: RolloutBatch | None = None, num_target_items: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The micro-batch's loss (its tokens' share of sum / num_items) and metric sums."""
+        """The micro-batch's loss (its tokens' share of sum / num_items) and metric sums.
+        ``targets`` (the reference solutions, with their global token count
+        ``num_target_items``) add ``sft_loss_weight`` x their cross-entropy to opsd's loss."""
         lm = causal_lm(self.model)
         weight = lm.get_output_embeddings().weight
         device = weight.device
@@ -96,10 +89,12 @@ class DistillationObjective(nn.Module):
         labels = responses.masked_fill(steps[None, :] >= lengths[:, None], IGNORE)
         students = [p.student for p in batch.problems]
         rows = (batch, responses, lengths, group_index)
+        tokens = (labels != IGNORE).sum()
         if self.config.method == "sft":
             hidden = self._hidden(lm, students, *rows)
-            loss = chunked_cross_entropy(hidden, weight, labels, num_items)
-            return loss, {"tokens": (labels != IGNORE).sum()}
+            return sum_cross_entropy(hidden, weight, labels) / num_items, {"tokens": tokens}
+        if self.config.method == "grpo":
+            return self._policy_gradient(lm, weight, students, rows, labels, num_items)
 
         head = self._shared_head(lm, batch.problems, device)
         teachers = [p.teacher for p in batch.problems]
@@ -112,12 +107,48 @@ class DistillationObjective(nn.Module):
             student_hidden, weight, teacher_hidden, teacher_weight=teacher_weight, labels=labels,
             divergence=c.divergence, beta=c.beta, temperature=c.loss_temperature,
             top_k=c.loss_top_k, clip=c.clip, num_items=num_items, return_stats=True)
-        return loss, {
-            "tokens": (labels != IGNORE).sum(),
+        sums = {
+            "tokens": tokens,
             "divergence": stats.divergence.sum().detach(),
             "student_entropy": stats.student_entropy.sum().detach(),
             "teacher_entropy": stats.teacher_entropy.sum().detach(),
         }
+        if targets is not None:
+            sft = self._target_cross_entropy(lm, weight, targets) / num_target_items
+            loss = loss + c.sft_loss_weight * sft
+            sums["sft_loss"] = sft.detach()
+        return loss, sums
+
+    def _policy_gradient(self, lm: nn.Module, weight: torch.Tensor, students: list[list[int]],
+                         rows: tuple, labels: torch.Tensor, num_items: torch.Tensor,
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GRPO with one update per rollout batch: the ratio exp(log p - sg(log p)) is 1 in
+        value and carries the gradient of log p; scored at the rollout temperature, as sampled
+        (TRL's convention)."""
+        batch = rows[0]
+        if batch.advantages is None:
+            raise ValueError("method grpo: the rollout batch has no advantages")
+        hidden = self._hidden(lm, students, *rows)
+        logp = fused_linear_logprobs(hidden, weight, labels, ignore_index=IGNORE,
+                                     temperature=self.config.rollout_temperature)
+        advantages = torch.tensor(batch.advantages, dtype=torch.float32, device=logp.device)
+        ratio = torch.exp(logp - logp.detach())
+        per_token = -advantages[:, None] * ratio
+        loss = per_token.masked_fill(labels == IGNORE, 0.0).sum() / num_items
+        tokens = (labels != IGNORE).sum()
+        return loss, {"tokens": tokens, "logprob": logp.sum().detach()}
+
+    def _target_cross_entropy(self, lm: nn.Module, weight: torch.Tensor,
+                              targets: RolloutBatch) -> torch.Tensor:
+        """Summed cross-entropy of the reference solutions under the student prompts."""
+        device = weight.device
+        responses, lengths = pad_rows(targets.responses, self.pad_token_id, device)
+        group_index = torch.tensor(targets.group_index, dtype=torch.int64, device=device)
+        steps = torch.arange(responses.shape[1], device=device)
+        labels = responses.masked_fill(steps[None, :] >= lengths[:, None], IGNORE)
+        hidden = self._hidden(lm, [p.student for p in targets.problems], targets, responses,
+                              lengths, group_index)
+        return sum_cross_entropy(hidden, weight, labels)
 
     def _shared_head(self, lm: nn.Module, problems: list[EncodedProblem],
                      device: torch.device) -> tuple[PrefixState, list[int]] | None:

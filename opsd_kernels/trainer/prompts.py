@@ -92,15 +92,19 @@ class PromptEncoder:
     def student_prompt(self, problem: str) -> list[int]:
         return self._ids(self.config.student_template.format(problem=problem))
 
-    def teacher_prompt(self, problem: str, solution: str) -> list[int]:
-        return self._ids(self.config.teacher_template.format(problem=problem,
-                                                             solution=solution))
+    def teacher_prompt(self, problem: str, solution: str, answer: str | None = None,
+                       ) -> list[int]:
+        return self._ids(self.config.teacher_template.format(problem=problem, solution=solution,
+                                                             answer=answer))
 
     def encode(self, item: Problem) -> EncodedProblem | None:
         """The problem's prompts, or None when even the shortest form is too long."""
         limit = self.config.max_prompt_length
+        if item.answer is None and "{answer}" in self.config.teacher_template:
+            raise ValueError(f"data: problem {item.problem[:60]!r} has no final answer, but "
+                             "config.teacher_template shows {answer}")
         student = self.student_prompt(item.problem)
-        teacher = self.teacher_prompt(item.problem, item.solution)
+        teacher = self.teacher_prompt(item.problem, item.solution, item.answer)
         solution_ids = self.tokenizer(item.solution, add_special_tokens=False)["input_ids"]
         truncated = False
         if len(student) > limit:
@@ -116,7 +120,7 @@ class PromptEncoder:
                 if keep <= 0:
                     return None
                 cut = self.tokenizer.decode(solution_ids[:keep])
-                teacher = self.teacher_prompt(item.problem, cut)
+                teacher = self.teacher_prompt(item.problem, cut, item.answer)
                 if len(teacher) <= limit:
                     break
             else:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from opsd_kernels.trainer import checkpoint
-from opsd_kernels.trainer.answers import count_correct
+from opsd_kernels.trainer.answers import correct_flags, group_advantages
 from opsd_kernels.trainer.config import OPSDConfig
-from opsd_kernels.trainer.data import Problem, load_problems
+from opsd_kernels.trainer.data import Problem, load_data
 from opsd_kernels.trainer.evaluate import evaluate
 from opsd_kernels.trainer.metrics import peak_memory_mib, trackers
 from opsd_kernels.trainer.models import check_model, prepare_model
@@ -35,8 +35,8 @@ Dataset = str | Path | Iterable[Mapping[str, Any]]
 
 
 class OPSDTrainer:
-    """On-policy self-distillation (or, with ``config.method = "sft"``, the supervised
-    baseline on the same data and loop) of a Hugging Face causal LM.
+    """On-policy self-distillation of a Hugging Face causal LM; with ``config.method`` "sft"
+    or "grpo", the supervised and the RL baselines on the same data, loop and rollout engine.
 
     Args:
         model: a transformers *ForCausalLM (LoRA is added here when ``config.lora``).
@@ -71,9 +71,9 @@ class OPSDTrainer:
                              "or 'current' under FSDP")
         self.is_main = self.accelerator.is_main_process
         self.encoder = PromptEncoder(tokenizer, config)
-        self.train_problems = self._encoded(train_dataset, "train data")
+        self.train_problems = self._encoded(train_dataset, "train")
         self.eval_problems = None if eval_dataset is None else self._encoded(eval_dataset,
-                                                                              "eval data")
+                                                                              "eval")
         model = prepare_model(model, config)
         self.model = model
         self.teacher = Teacher(config.teacher_mode, model, config.ema_decay)
@@ -115,20 +115,18 @@ class OPSDTrainer:
 
     # --- data ----------------------------------------------------------------------------
 
-    def _encoded(self, dataset: Dataset, what: str) -> list[EncodedProblem]:
+    def _encoded(self, dataset: Dataset, split: str) -> list[EncodedProblem]:
         if isinstance(dataset, list) and dataset and isinstance(dataset[0], EncodedProblem):
             return dataset
-        problems, report = self.encode(dataset)
-        self._print(f"{what}: {report}")
+        problems, report = self.encode(dataset, split)
+        self._print(f"{split} data: {report}")
         return problems
 
-    def encode(self, dataset: Dataset) -> tuple[list[EncodedProblem], Any]:
-        """Problems of ``dataset`` as prompt ids under this trainer's config, and a report of
-        what was truncated or skipped."""
-        c = self.config
-        problems = dataset if _is_problems(dataset) else load_problems(
-            dataset, problem_column=c.problem_column, solution_column=c.solution_column,
-            answer_column=c.answer_column)
+    def encode(self, dataset: Dataset, split: Literal["train", "eval"] = "eval",
+               ) -> tuple[list[EncodedProblem], Any]:
+        """Problems of ``dataset`` (a task gives its ``split``) as prompt ids under this
+        trainer's config, and a report of what was truncated or skipped."""
+        problems = dataset if _is_problems(dataset) else load_data(dataset, self.config, split)
         return self.encoder.encode_all(problems)
 
     def _problems_for(self, step: int, micro: int) -> list[EncodedProblem]:
@@ -166,7 +164,17 @@ class OPSDTrainer:
                 r[0] == self.pad_token_id for r in responses):
             raise RuntimeError(f"rollout engine: a response starts with the pad token "
                                f"{self.pad_token_id}; suppress it when sampling")
-        return RolloutBatch(problems, responses, groups)
+        rewards = correct_flags(self.tokenizer, responses, [problems[g].answer for g in groups],
+                                unboxed=c.grade_unboxed)
+        advantages = group_advantages(rewards, c.num_rollouts) if c.method == "grpo" else None
+        return RolloutBatch(problems, responses, groups, advantages, rewards)
+
+    def _targets(self, batch: RolloutBatch) -> RolloutBatch | None:
+        """The reference solutions of a batch's problems, for opsd's ``sft_loss_weight``."""
+        if self.config.sft_loss_weight == 0:
+            return None
+        problems = batch.problems
+        return RolloutBatch(problems, [p.target for p in problems], list(range(len(problems))))
 
     # --- training ------------------------------------------------------------------------
 
@@ -232,22 +240,28 @@ class OPSDTrainer:
         torch.manual_seed(c.seed * 1_000_003 + self.step * acc.num_processes + acc.process_index)
         batches = [self._rollouts(self._problems_for(self.step, m))
                    for m in range(c.gradient_accumulation_steps)]
+        targets = [self._targets(b) for b in batches]
         rollout_time = time.perf_counter() - started
         device = acc.device
-        num_items = acc.reduce(torch.tensor(float(sum(b.num_tokens for b in batches)),
-                                            device=device), reduction="sum")
+        num_items, num_target_items = acc.reduce(torch.tensor(
+            [float(sum(b.num_tokens for b in batches)),
+             float(sum(t.num_tokens for t in targets if t is not None))], device=device),
+            reduction="sum").unbind()
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.objective):
-                loss, sums = self.objective(batch, num_items)
+                loss, sums = self.objective(batch, num_items, targets[i], num_target_items)
                 # DDP averages gradients over processes; num_items is already global.
                 acc.backward(loss * acc.num_processes)
             sums["loss"] = loss.detach()
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0) + value.float()
-        if c.method == "opsd":
-            totals["correct"], totals["responses"] = self._accuracy_counts(batches, device)
+        if c.method != "sft":
+            totals["correct"] = torch.tensor(float(sum(sum(b.rewards) for b in batches)),
+                                             device=device)
+            totals["responses"] = torch.tensor(float(sum(len(b.responses) for b in batches)),
+                                               device=device)
         keys = sorted(totals)
         reduced = dict(zip(keys, acc.reduce(torch.stack([totals[k] for k in keys]),
                                             reduction="sum").tolist(), strict=True))
@@ -273,26 +287,17 @@ class OPSDTrainer:
                                                * acc.num_processes),
                   "tokens_per_s": tokens / elapsed, "rollout_s": rollout_time,
                   "step_s": elapsed, "peak_memory_mib": peak_memory_mib(device)}
-        for key in ("divergence", "student_entropy", "teacher_entropy"):
+        for key in ("divergence", "student_entropy", "teacher_entropy", "logprob"):
             if key in reduced:
                 record[key] = reduced[key] / tokens
+        if "sft_loss" in reduced:  # each micro-batch's share of the global mean
+            record["sft_loss"] = reduced["sft_loss"] / acc.num_processes
         if "correct" in reduced:
             record["accuracy"] = reduced["correct"] / reduced["responses"]
         record["grad_norm"] = grad_norm
         if not applied:
             record["skipped"] = 1
         return record
-
-    def _accuracy_counts(self, batches: list[RolloutBatch],
-                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        correct = sum(self._correct(b.responses, [b.problems[g].answer for g in b.group_index])
-                      for b in batches)
-        total = sum(len(b.responses) for b in batches)
-        return (torch.tensor(float(correct), device=device),
-                torch.tensor(float(total), device=device))
-
-    def _correct(self, responses: list[list[int]], answers: list[str | None]) -> int:
-        return count_correct(self.tokenizer, responses, answers)
 
     # --- evaluation ----------------------------------------------------------------------
 
