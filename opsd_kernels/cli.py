@@ -2,7 +2,9 @@
 
     opsd train --config cfg.yaml [--field value ...]   train (OPSD, or --method sft)
     opsd eval  --config cfg.yaml [--checkpoint DIR]    greedy accuracy on eval_data
-    opsd demo  [--device cuda] [--field value ...]     OPSD end to end on the embedded model
+    opsd demo  [--model tiny] [--field value ...]      OPSD end to end on SmolLM2 (or the toy)
+    opsd compare --config cfg.yaml [--methods opsd,sft,grpo --seeds 0,1,2 --out DIR]
+                                                       the methods side by side, several seeds
     opsd bench [--tokens N --hidden H --vocab V]       the fused loss beside the naive form
     opsd env                                           which backends are usable here, and why
 
@@ -26,7 +28,10 @@ from opsd_kernels.trainer.nonfinite import TrainingStopped  # plain Python: no t
 _CONFIG_COMMANDS = {
     "train": "train with a YAML config and/or flags (every config field is a flag)",
     "eval": "greedy accuracy on the config's eval_data, of a checkpoint or the model as it is",
-    "demo": "OPSD end to end on the embedded tiny model (flags override the demo's settings)",
+    "demo": "OPSD end to end on SmolLM2-135M-Instruct, or with --model tiny on a small toy "
+            "(flags override the demo's settings)",
+    "compare": "OPSD, SFT and GRPO from the same start on the same problems over several seeds: "
+               "held-out accuracy against steps, generated tokens and time (JSON, md, PNG)",
 }
 
 
@@ -89,9 +94,20 @@ def _config_parser(command: str) -> Any:
         "lists as --lora_target_modules q_proj v_proj."
     parser = ConfigParser(OPSDConfig, prog=f"opsd {command}", description=description,
                           allow_abbrev=False)
-    if command in ("train", "eval"):
+    if command in ("train", "eval", "compare"):
         parser.add_argument("--config", default=None,
                             help="YAML file of config fields; flags override it")
+    if command == "compare":
+        parser.add_argument("--methods", type=_names, default=["opsd", "sft", "grpo"],
+                            help="comma-separated methods (default: opsd,sft,grpo)")
+        parser.add_argument("--seeds", type=_integers, default=[0, 1, 2],
+                            help="comma-separated seeds (default: 0,1,2)")
+        parser.add_argument("--eval_every", type=_positive_int, default=10,
+                            help="evaluate (greedy) every N optimizer steps (default: 10)")
+        parser.add_argument("--eval_samples", type=_positive_int, default=2,
+                            help="samples per problem of the sampled evaluation (default: 2)")
+        parser.add_argument("--out", default="bench/results",
+                            help="directory of the json / md / png (default: bench/results)")
     if command == "eval":
         parser.add_argument("--checkpoint", default=None,
                             help="a run's checkpoints/checkpoint_N or final directory "
@@ -104,6 +120,18 @@ def _config_parser(command: str) -> Any:
         if action.dest in optional and action.type is not None:
             action.type = _or_null(action.type)
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _integers(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
 
 
 def _or_null(parse):
@@ -200,8 +228,14 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
     elif args.command == "demo":
         from opsd_kernels.trainer.demo import run_demo
 
-        device = values.pop("device", "auto")
-        run_demo(values, device=device)
+        run_demo(values)
+    elif args.command == "compare":
+        from opsd_kernels.trainer.comparison import run_comparison
+
+        config = _config(flags["config"], values)
+        run_comparison(config, methods=flags["methods"], seeds=flags["seeds"],
+                       eval_every=flags["eval_every"], eval_samples=flags["eval_samples"],
+                       out=flags["out"])
     elif args.command == "bench":
         from opsd_kernels.compare import run_comparison
 

@@ -22,7 +22,8 @@ def evaluate(model: nn.Module, tokenizer: Any, problems: list[EncodedProblem],
              num_samples: int = 1, temperature: float = 0.0) -> dict[str, float]:
     """Answer accuracy and response length on ``problems``: greedy by default, else the mean
     over ``num_samples`` samples at ``temperature``; under the student prompt, or the teacher's
-    (what the teacher would answer). With an ``accelerator``, the problems are split across
+    (what the teacher would answer). ``eval_accuracy`` grades as the config says
+    (``grade_unboxed``); ``eval_accuracy_boxed`` / ``_unboxed`` give both graders. With an ``accelerator``, the problems are split across
     its processes and the counts summed."""
     if not problems:
         raise ValueError("evaluate: no eval problems (set eval_data)")
@@ -37,16 +38,17 @@ def evaluate(model: nn.Module, tokenizer: Any, problems: list[EncodedProblem],
                             config.eval_max_new_tokens or config.max_new_tokens)
     prompts = [p.student if prompt == "student" else p.teacher for p in mine]
     responses = engine.generate(prompts, params) if mine else []
-    correct = count_correct(tokenizer, responses,
-                            [p.answer for p in mine for _ in range(num_samples)],
-                            unboxed=config.grade_unboxed)
-    counts = torch.tensor([float(correct), float(len(responses)),
+    answers = [p.answer for p in mine for _ in range(num_samples)]
+    boxed = count_correct(tokenizer, responses, answers)
+    unboxed = count_correct(tokenizer, responses, answers, unboxed=True)
+    counts = torch.tensor([float(boxed), float(unboxed), float(len(responses)),
                            float(sum(len(r) for r in responses))])
     if accelerator is not None:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
-    correct, total, tokens = counts.tolist()
-    return {"eval_accuracy": correct / total, "eval_response_length": tokens / total,
-            "eval_problems": int(total) // num_samples}
+    boxed, unboxed, total, tokens = counts.tolist()
+    return {"eval_accuracy": (unboxed if config.grade_unboxed else boxed) / total,
+            "eval_accuracy_boxed": boxed / total, "eval_accuracy_unboxed": unboxed / total,
+            "eval_response_length": tokens / total, "eval_problems": int(total) // num_samples}
 
 
 def evaluate_checkpoint(config: OPSDConfig, checkpoint: str | Path | None = None,

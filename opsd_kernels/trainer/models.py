@@ -44,7 +44,11 @@ def load_model_and_tokenizer(config: OPSDConfig) -> tuple[nn.Module, Any]:
 
         from opsd_kernels.trainer.model_sources import resolve
 
+        from transformers.utils import logging as hf_logging
+
         source = resolve(config.model)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a local load
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 resolve(config.tokenizer, field="tokenizer") if config.tokenizer else source)
@@ -52,6 +56,9 @@ def load_model_and_tokenizer(config: OPSDConfig) -> tuple[nn.Module, Any]:
         except (OSError, ValueError) as err:  # a hub id offline; a directory missing files
             raise ValueError(f"model: {config.model!r} could not be loaded: "
                              f"{str(err).strip().splitlines()[0]}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device=device, dtype=dtype), tokenizer
