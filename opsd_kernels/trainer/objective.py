@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from opsd_kernels import sharding
 from opsd_kernels._peft import causal_lm
 from opsd_kernels.losses import fused_linear_divergence
 from opsd_kernels.prefix import (
@@ -84,12 +85,25 @@ class DistillationObjective(nn.Module):
         self.config = config
         self.pad_token_id = pad_token_id
 
+    # accelerate's FSDP2 preparation reads these from the module it shards (this one): each
+    # decoder layer becomes its own unit, and so do the input embeddings and the lm_head, which
+    # is then gathered only around the loss (sharding.full_weight).
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(causal_lm(self.model), "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return causal_lm(self.model).get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return causal_lm(self.model).get_output_embeddings()
+
     def forward(self, batch: RolloutBatch, num_items: torch.Tensor,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch's loss (its tokens' share of sum / num_items) and metric sums."""
         lm = causal_lm(self.model)
-        weight = lm.get_output_embeddings().weight
-        device = weight.device
+        lm_head = lm.get_output_embeddings()
+        device = lm_head.weight.device
         responses, lengths = pad_rows(batch.responses, self.pad_token_id, device)
         group_index = torch.tensor(batch.group_index, dtype=torch.int64, device=device)
         steps = torch.arange(responses.shape[1], device=device)
@@ -98,26 +112,37 @@ class DistillationObjective(nn.Module):
         rows = (batch, responses, lengths, group_index)
         if self.config.method == "sft":
             hidden = self._hidden(lm, students, *rows)
-            loss = chunked_cross_entropy(hidden, weight, labels, num_items)
+            with sharding.full_weight(self, lm_head) as weight:
+                loss = chunked_cross_entropy(hidden, weight, labels, num_items)
             return loss, {"tokens": (labels != IGNORE).sum()}
 
         head = self._shared_head(lm, batch.problems, device)
         teachers = [p.teacher for p in batch.problems]
         with torch.no_grad(), self.teacher.weights():
             teacher_hidden = self._hidden(lm, teachers, *rows, head=head)
-            teacher_weight = weight.detach().clone() if self.teacher.changes(weight) else None
+            teacher_weight = self._teacher_head(lm_head)
         student_hidden = self._hidden(lm, students, *rows, head=head)
         c = self.config
-        loss, stats = fused_linear_divergence(
-            student_hidden, weight, teacher_hidden, teacher_weight=teacher_weight, labels=labels,
-            divergence=c.divergence, beta=c.beta, temperature=c.loss_temperature,
-            top_k=c.loss_top_k, clip=c.clip, num_items=num_items, return_stats=True)
+        with sharding.full_weight(self, lm_head) as weight:
+            loss, stats = fused_linear_divergence(
+                student_hidden, weight, teacher_hidden, teacher_weight=teacher_weight,
+                labels=labels, divergence=c.divergence, beta=c.beta,
+                temperature=c.loss_temperature, top_k=c.loss_top_k, clip=c.clip,
+                num_items=num_items, return_stats=True)
         return loss, {
             "tokens": (labels != IGNORE).sum(),
             "divergence": stats.divergence.sum().detach(),
             "student_entropy": stats.student_entropy.sum().detach(),
             "teacher_entropy": stats.teacher_entropy.sum().detach(),
         }
+
+    def _teacher_head(self, lm_head: nn.Module) -> torch.Tensor | None:
+        """A copy of the lm_head weight as the teacher sees it (inside its weights block), when
+        it differs from the student's; None when both share it."""
+        if not self.teacher.changes(lm_head.weight):
+            return None
+        with sharding.full_weight(self, lm_head) as weight:
+            return weight.detach().clone()
 
     def _shared_head(self, lm: nn.Module, problems: list[EncodedProblem],
                      device: torch.device) -> tuple[PrefixState, list[int]] | None:
