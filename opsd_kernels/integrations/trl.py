@@ -16,10 +16,13 @@ transformers; put one before a (subclass of a) TRL trainer in the bases. The rea
 are built on first access, which is when TRL gets imported: `import opsd_kernels` and
 `import opsd_kernels.integrations` stay free of it.
 
-Sharded models: under FSDP2 (accelerate's ``fsdp_version: 2``) the student's loss runs as the
-forward of its FSDP root, and `opsd_kernels.sharding` gathers the heads' weights for it (the
-student's gradient goes back through FSDP's reduce-scatter); tested with 2 CPU processes. FSDP1
-is refused (its flat parameters hide the head's weight).
+Sharded models: the student's loss runs as the forward of what the trainer holds (the FSDP2 root,
+the DeepSpeed engine), and `opsd_kernels.sharding` gives it the heads' weights whole: under FSDP2
+the head's unit gathers it, under ZeRO-3 the engine's forward does (and gathers it again for the
+backward); the student's gradient goes back through FSDP's reduce-scatter or ZeRO's partitioned
+gradients, and a separate teacher's head is gathered as a copy. FSDP2, ZeRO-2 and ZeRO-3 are
+tested with 2 CPU processes (configs in opsd_kernels/trainer/configs/); FSDP1 is refused (its
+flat parameters hide the head's weight).
 
 Not covered: PEFT adapters on the lm_head or prompt-learning adapters (their effect lives outside
 the backbone and the head's weight), models that rescale their logits (`logit_scale`,
@@ -186,17 +189,12 @@ def _check_kernel_options(backend: str, chunk_size: int | None) -> None:
 
 
 def _check_sharding(trainer: Any, what: str) -> None:
-    # FSDP2's DTensor shards are gathered by opsd_kernels.sharding; FSDP1 flattens each unit's
-    # parameters into one buffer, where the head's weight cannot be gathered on its own.
+    # FSDP2's DTensor shards and ZeRO-3's partitions are gathered by opsd_kernels.sharding; FSDP1
+    # flattens each unit's parameters into one buffer, where the head's weight cannot be found.
     plugin = getattr(getattr(trainer.accelerator, "state", None), "fsdp_plugin", None)
     if getattr(trainer, "is_fsdp_enabled", False) and getattr(plugin, "fsdp_version", 1) != 2:
         _fail(f"{what}: FSDP1 is not supported (the fused loss reads the lm_head weight, which "
               "FSDP1 flattens into its units' buffers); use FSDP2 (fsdp_version: 2)")
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
-        if getattr(plugin, "zero_stage", None) == 3:
-            _fail(f"{what}: DeepSpeed ZeRO-3 is not supported (the fused loss reads the lm_head "
-                  "weight directly); use FSDP2 (fsdp_version: 2)")
 
 
 class FusedGKDMixin:

@@ -1,7 +1,7 @@
-"""Run by test_integrations_trl_fsdp.py under ``accelerate launch --config_file
-opsd_kernels/trainer/configs/fsdp2.yaml --num_processes 2`` (gloo on CPU): the fused TRL
-trainers' compute_loss under FSDP2, each process on its own part of a batch. Each case writes
-its loss and the whole (gathered) gradients to ``<out>/<case>-rank<r>.pt``.
+"""Run by test_integrations_trl_sharded.py under ``accelerate launch --config_file
+opsd_kernels/trainer/configs/<fsdp2 | zero2 | zero3>.yaml --num_processes 2`` (gloo on CPU): the
+fused TRL trainers' compute_loss on sharded models, each process on its own part of a batch.
+Each case writes its loss and the whole (gathered) gradients to ``<out>/<case>-rank<r>.pt``.
 
 Cases: GKD (a separate teacher, untied heads, full fine-tuning); SDFT with its frozen base model
 as the teacher (tied embeddings), with and without importance clipping (whose per-token loss
@@ -11,6 +11,7 @@ the adapter off (a frozen head).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import deepspeed_on_cpu  # noqa: E402
 import fsdp_on_cpu  # noqa: E402
 from trl_fixtures import (  # noqa: E402
     gkd_config,
@@ -38,9 +40,9 @@ CASES = ("gkd", "sdft", "sdft-clipped", "sdft-lora")
 SDFT_LENGTHS = ([5, 0, 3], [2, 5, 4])
 
 
-def gkd_trainer(out: Path):
+def gkd_trainer(out: Path, **args):
     return FusedGKDTrainer(model=tiny_model(0), teacher_model=tiny_model(1),
-                           args=gkd_config(out), train_dataset=gkd_dataset(),
+                           args=gkd_config(out, **args), train_dataset=gkd_dataset(),
                            processing_class=tiny_tokenizer())
 
 
@@ -50,14 +52,14 @@ def gkd_batches(trainer) -> list[dict[str, torch.Tensor]]:
     return [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
 
 
-def sdft_trainer(out: Path, case: str):
+def sdft_trainer(out: Path, case: str, **args):
     if case == "sdft-lora":
         import peft
 
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                init_lora_weights=False, task_type="CAUSAL_LM")
         torch.manual_seed(9)  # the adapter's initial weights
-        return FusedSDFTTrainer(model=tiny_model(9), args=sdft_config(out / "args"),
+        return FusedSDFTTrainer(model=tiny_model(9), args=sdft_config(out / "args", **args),
                                 train_dataset=sdft_dataset(), processing_class=tiny_tokenizer(),
                                 peft_config=lora)
     path = out / "tiny-qwen3"
@@ -65,9 +67,18 @@ def sdft_trainer(out: Path, case: str):
         tiny_model(4, tie_word_embeddings=True).save_pretrained(path)
     if dist.is_initialized():
         dist.barrier()
-    trainer = FusedSDFTTrainer(model=str(path), args=sdft_config(out / "args"),
+    trainer = FusedSDFTTrainer(model=str(path), args=sdft_config(out / "args", **args),
                                train_dataset=sdft_dataset(), processing_class=tiny_tokenizer())
-    perturb(trainer.model, 5)  # before sharding: every process moves it the same way
+    # Every process moves it the same way; under ZeRO-3 transformers loaded it partitioned
+    # already (zero.Init), so it is moved gathered, rank 0's values kept.
+    params = [p for p in trainer.model.parameters() if hasattr(p, "ds_id")]
+    if params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            perturb(trainer.model, 5)
+    else:
+        perturb(trainer.model, 5)
     return trainer
 
 
@@ -83,23 +94,37 @@ def sdft_batches(trainer, case: str) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def prepared(trainer) -> None:
+def prepared(trainer) -> torch.nn.Module:
     """The student sharded as transformers' Trainer does when it trains (model and optimizer
-    through accelerate's prepare)."""
+    through accelerate's prepare): FSDP2 shards it in place, DeepSpeed returns its engine."""
     optimizer = torch.optim.SGD([p for p in trainer.model.parameters() if p.requires_grad],
                                 lr=0.0)
-    model, _ = trainer.accelerator.prepare(trainer.model, optimizer)
-    assert model is trainer.model  # sharded in place: a teacher that is the student stays so
-    trainer.model_wrapped = model
+    wrapped, _ = trainer.accelerator.prepare(trainer.model, optimizer)
+    trainer.model_wrapped = wrapped
+    return wrapped
 
 
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
+def backward(wrapped: torch.nn.Module, loss: torch.Tensor) -> None:
+    if hasattr(wrapped, "backward"):  # a DeepSpeed engine: it reduces into its partitions
+        wrapped.backward(loss)
+    else:
+        loss.backward()
+
+
+def whole_grad(wrapped: torch.nn.Module, param: torch.nn.Parameter) -> torch.Tensor:
+    if hasattr(wrapped, "backward"):
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)  # gathers the partitions (a collective)
+    grad = param.grad
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad.detach().clone()
 
 
 def run(out: Path, case: str, rank: int, world: int) -> dict:
+    # accelerate runs DeepSpeed only off the CPU setting, FSDP on the CPU only with it
+    args = {"use_cpu": os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"}
     if case == "gkd":
-        trainer = gkd_trainer(out / case)
+        trainer = gkd_trainer(out / case, **args)
         parts = gkd_batches(trainer)
         # TRL's num_items_in_batch: the tokens of the whole batch, over every process; each
         # process's loss is its share of the sum, which FSDP's average would divide
@@ -107,24 +132,30 @@ def run(out: Path, case: str, rank: int, world: int) -> dict:
                                             for p in parts)}
         scale = world
     else:
-        trainer = sdft_trainer(out / case, case)
+        trainer = sdft_trainer(out / case, case, **args)
         parts = sdft_batches(trainer, case)
         trainer.current_gradient_accumulation_steps = 1
         kwargs, scale = {}, 1  # a mean over equal parts: FSDP's average is the whole mean
-    prepared(trainer)
+    wrapped = prepared(trainer)
     trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, parts[rank], **kwargs)
-    (loss * scale).backward()
+    loss = trainer.compute_loss(wrapped, parts[rank], **kwargs)
+    backward(wrapped, loss * scale)
     total = loss.detach() * scale / world  # the whole batch's loss, summed over processes
     dist.all_reduce(total)
-    grads = {n: whole(p.grad) for n, p in trainer.model.named_parameters() if p.requires_grad}
-    units = sorted({type(m).__name__ for m in trainer.model.modules()
-                    if type(m).__name__.startswith("FSDP")})
-    return {"loss": total, "grads": grads, "units": units}
+    grads = {n: whole_grad(wrapped, p) for n, p in trainer.model.named_parameters()
+             if p.requires_grad}
+    head = trainer.model.get_output_embeddings().weight
+    return {"loss": total, "grads": grads, "wrapper": type(wrapped).__name__,
+            "units": sorted({type(m).__name__ for m in trainer.model.modules()
+                             if type(m).__name__.startswith("FSDP")}),
+            # ZeRO-3 keeps the head's partition only (small weights, such as norms, stay whole)
+            "head_partitioned": hasattr(head, "ds_id") and head.numel() == 0}
 
 
 def main(out_dir: str) -> None:
     fsdp_on_cpu.enable()
+    deepspeed_on_cpu.enable()
+    deepspeed_on_cpu.partition_small_weights()
     out = Path(out_dir)
     if not dist.is_initialized():
         dist.init_process_group("gloo")
