@@ -4,7 +4,7 @@ FSDP2, every case in one launch. Each case writes what rank 0 (and, where the ra
 every rank) saw to ``<out>/<case>-rank<r>.pt``; the test compares them with one process.
 
 Cases: the loss and the whole gradients of one micro-batch (frozen / trainable head, tied /
-untied embeddings, shared prefixes on / off); two optimizer steps with the EMA teacher and
+untied embeddings, shared prefixes on / off; once with gradient checkpointing); two optimizer steps with the EMA teacher and
 gradient accumulation; the same run stopped after one step and resumed; greedy evaluation and a
 step on sampled rollouts.
 """
@@ -28,18 +28,20 @@ from opsd_kernels.trainer.objective import RolloutBatch  # noqa: E402
 ROLLOUTS = 2
 GLOBAL_PROBLEMS = 4  # of one micro-batch, split over the processes
 
-# name -> (lora, tied embeddings, shared prefixes)
+# name -> (lora, tied embeddings, shared prefixes, gradient checkpointing)
 GRADIENT_CASES = {
-    f"{head}-{tie}-{prefix}": (head == "lora", tie == "tied", prefix == "prefix")
+    f"{head}-{tie}-{prefix}": (head == "lora", tie == "tied", prefix == "prefix", False)
     for head in ("full", "lora") for tie in ("tied", "untied") for prefix in ("prefix", "plain")}
+GRADIENT_CASES["full-untied-prefix-checkpointed"] = (False, False, True, True)
 
 
-def gradient_config(out: Path, lora: bool, shared_prefix: bool):
+def gradient_config(out: Path, lora: bool, shared_prefix: bool, checkpointed: bool):
     # The frozen head comes with LoRA and the initial-policy teacher; the trainable one with the
     # current-weights teacher, which reads the student's prompt head (three passes per layer).
     teacher = {"lora": True, "lora_rank": 4, "teacher_mode": "fixed"} if lora else {
         "teacher_mode": "current"}
-    return small_config(out, num_rollouts=ROLLOUTS, shared_prefix=shared_prefix, **teacher)
+    return small_config(out, num_rollouts=ROLLOUTS, shared_prefix=shared_prefix,
+                        gradient_checkpointing=checkpointed, **teacher)
 
 
 def fixed_batch(trainer: OPSDTrainer, start: int, count: int) -> RolloutBatch:
@@ -69,11 +71,11 @@ def trainable(trainer: OPSDTrainer) -> dict[str, torch.Tensor]:
 
 
 def run_gradients(out: Path, name: str, rank: int, world: int) -> dict:
-    lora, tied, shared_prefix = GRADIENT_CASES[name]
+    lora, tied, *options = GRADIENT_CASES[name]
     model, tokenizer = small_model(tie_word_embeddings=tied)
     torch.manual_seed(1)  # LoRA's initial A, drawn from the global generator
     trainer = OPSDTrainer(model, tokenizer, problems(8), gradient_config(out / name, lora,
-                                                                           shared_prefix))
+                                                                           *options))
     per_rank = GLOBAL_PROBLEMS // world
     everything = fixed_batch(trainer, 0, GLOBAL_PROBLEMS)
     batch = fixed_batch(trainer, rank * per_rank, per_rank)

@@ -3,7 +3,8 @@ shipped configs/fsdp2.yaml run every case of tests/fsdp_train_worker.py in one l
 file computes the same in one process and compares (fp32, relative 1e-5).
 
 - one micro-batch's loss and the whole (gathered) gradient of every trainable parameter, for a
-  frozen head (LoRA) and a trainable one, tied and untied embeddings, shared prefixes on and off;
+  frozen head (LoRA) and a trainable one, tied and untied embeddings, shared prefixes on and off,
+  and once with gradient checkpointing;
 - two optimizer steps with the EMA teacher and two accumulated micro-batches: losses, every
   parameter (the same on both processes) and the EMA;
 - the same run stopped after one step and resumed from its checkpoint: the next loss and the
@@ -78,7 +79,7 @@ def _trainable(trainer: OPSDTrainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("case", list(GRADIENT_CASES))
 def test_loss_and_gradients_match_one_process(sharded, tmp_path, case) -> None:
-    lora, tied, shared_prefix = GRADIENT_CASES[case]
+    lora, tied, *options = GRADIENT_CASES[case]
     result = _result(sharded, case)
     # Sharded for real: each layer, the embeddings and the head are FSDP2 units.
     assert {"FSDPDistillationObjective", "FSDPQwen3DecoderLayer", "FSDPLinear",
@@ -86,7 +87,7 @@ def test_loss_and_gradients_match_one_process(sharded, tmp_path, case) -> None:
     model, tokenizer = small_model(tie_word_embeddings=tied)
     torch.manual_seed(1)  # LoRA's initial A, as in the worker
     trainer = OPSDTrainer(model, tokenizer, problems(8), gradient_config(tmp_path, lora,
-                                                                           shared_prefix))
+                                                                           *options))
     batch = fixed_batch(trainer, 0, GLOBAL_PROBLEMS)
     loss, _ = trainer.objective(batch, torch.tensor(float(batch.num_tokens)))
     loss.backward()
