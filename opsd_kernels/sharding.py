@@ -261,20 +261,13 @@ def assign(params: list[nn.Parameter], where: list[tuple[nn.Module, str]],
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole state dict of a sharded ``model``, gathered by every process (a collective:
-    each one must call it) onto the CPU of rank 0 (the others get an empty dict); None when
-    ``model`` is not sharded (its own ``state_dict()`` is whole)."""
-    if fsdp_units(model) or any(is_dtensor(p) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The whole state dict of an FSDP2-sharded ``model`` (torch.distributed.checkpoint's
+    get_model_state_dict), gathered by every process (a collective: each one must call it) onto
+    the CPU of rank 0 (the others get an empty dict); None when ``model`` holds no FSDP2 shards
+    (its own ``state_dict()`` is whole)."""
+    if not (fsdp_units(model) or any(is_dtensor(p) for p in model.parameters())):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                    cpu_offload=True))
-    if any(is_zero3(p) for p in model.parameters()):
-        import deepspeed
-
-        params = list(model.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            rank = torch.distributed.get_rank()
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                    } if rank == 0 else {}
-    return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))

@@ -4,9 +4,9 @@ FSDP2, every case in one launch. Each case writes what rank 0 (and, where the ra
 every rank) saw to ``<out>/<case>-rank<r>.pt``; the test compares them with one process.
 
 Cases: the loss and the whole gradients of one micro-batch (frozen / trainable head, tied /
-untied embeddings, shared prefixes on / off; once with gradient checkpointing); two optimizer steps with the EMA teacher and
-gradient accumulation; the same run stopped after one step and resumed; greedy evaluation and a
-step on sampled rollouts.
+untied embeddings, shared prefixes on / off; once with gradient checkpointing); two optimizer
+steps with the EMA teacher and gradient accumulation; the same run stopped after one step and
+resumed; greedy evaluation and a step on sampled rollouts.
 """
 
 from __future__ import annotations

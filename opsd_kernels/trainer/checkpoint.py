@@ -31,9 +31,8 @@ _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
 def save_model(model: nn.Module, tokenizer: Any, directory: Path, write: bool = True) -> None:
-    """Hugging Face format: the full model, or the adapter of a peft model. A sharded model
-    (FSDP2, ZeRO-3) is gathered first, which every process must join; only those with ``write``
-    write."""
+    """Hugging Face format: the full model, or the adapter of a peft model. An FSDP2-sharded
+    model is gathered first, which every process must join; only those with ``write`` write."""
     whole = sharding.full_state_dict(model)  # None: model.state_dict() is whole already
     if not write:
         return
