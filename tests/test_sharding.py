@@ -18,10 +18,11 @@ from opsd_kernels import sharding
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(4, 6)
-        self.norm = nn.LayerNorm(6)
-        self.head = nn.Linear(6, 5, bias=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.body = nn.Linear(4, 6)
+            self.norm = nn.LayerNorm(6)
+            self.head = nn.Linear(6, 5, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.body(x))

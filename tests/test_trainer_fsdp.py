@@ -85,9 +85,10 @@ def test_loss_and_gradients_match_one_process(sharded, tmp_path, case) -> None:
     assert {"FSDPDistillationObjective", "FSDPQwen3DecoderLayer", "FSDPLinear",
             "FSDPEmbedding"} <= set(result["units"]), result["units"]
     model, tokenizer = small_model(tie_word_embeddings=tied)
-    torch.manual_seed(1)  # LoRA's initial A, as in the worker
-    trainer = OPSDTrainer(model, tokenizer, problems(8), gradient_config(tmp_path, lora,
-                                                                           *options))
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # LoRA's initial A, as in the worker
+        trainer = OPSDTrainer(model, tokenizer, problems(8), gradient_config(tmp_path, lora,
+                                                                               *options))
     batch = fixed_batch(trainer, 0, GLOBAL_PROBLEMS)
     loss, _ = trainer.objective(batch, torch.tensor(float(batch.num_tokens)))
     loss.backward()
@@ -142,6 +143,8 @@ def test_sampled_rollouts_and_greedy_evaluation(sharded, tmp_path) -> None:
     model, tokenizer = small_model()
     config = small_config(tmp_path, max_steps=1, lora=True, lora_rank=4, teacher_mode="fixed",
                           problems_per_step=1, max_new_tokens=8)
-    torch.manual_seed(1)
-    trainer = OPSDTrainer(model, tokenizer, problems(8), config, eval_dataset=problems(3, seed=1))
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # LoRA's initial A, as in the worker
+        trainer = OPSDTrainer(model, tokenizer, problems(8), config,
+                              eval_dataset=problems(3, seed=1))
     assert ranks[0]["eval"] == trainer.evaluate()
