@@ -1,5 +1,5 @@
-"""The training objective of one micro-batch, as an nn.Module so accelerate's DDP wrapper
-covers it whole: the student's and the teacher's final hidden states at the
+"""The training objective of one micro-batch, as an nn.Module so accelerate's DDP wrapper (or
+the FSDP2 root unit) covers it whole: the student's and the teacher's final hidden states at the
 response tokens, then the fused divergence on the shared lm_head (or, for the supervised
 baseline, cross-entropy on the reference solutions, a chunk of rows at a time).
 
