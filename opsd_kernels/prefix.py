@@ -95,15 +95,23 @@ class SharedPrefixOutput:
     state: PrefixState
 
 
-@dataclass
 class _Call:
-    """What one decoder call hands the attention function, by keyword argument."""
+    """What one decoder call hands the attention function, by keyword argument.
 
-    prefix: PrefixState | None  # None: plain causal self-attention (the prefix pass)
-    group_index: torch.Tensor | None
-    suffix_lengths: torch.Tensor | None
-    keys: list[torch.Tensor | None] | None = None  # filled per layer when capturing
-    values: list[torch.Tensor | None] | None = None
+    A plain class, not a dataclass: FSDP2 rebuilds the dataclasses and lists it finds in a
+    unit's inputs (to hook the tensors in them), and each layer must record its keys and values
+    into this very object."""
+
+    def __init__(self, prefix: PrefixState | None, group_index: torch.Tensor | None,
+                 suffix_lengths: torch.Tensor | None,
+                 keys: list[torch.Tensor | None] | None = None,
+                 values: list[torch.Tensor | None] | None = None) -> None:
+        self.prefix = prefix  # None: plain causal self-attention (the prefix pass)
+        self.group_index = group_index
+        self.suffix_lengths = suffix_lengths
+        self.keys = keys  # filled per layer when capturing
+        self.values = values
+        self.units: list[nn.Module | None] = []  # each layer's FSDP2 unit, if it is one
 
 
 # --- the attention function ------------------------------------------------------------------
@@ -131,6 +139,9 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     # Only the first run of a layer records: a checkpoint recompute must not rebind the state.
     if call.keys is not None and call.keys[layer] is None:
         call.keys[layer], call.values[layer] = key, value
+        unit = call.units[layer] if call.units else None
+        if unit is not None and key.requires_grad:
+            _gather_in_backward(unit, key, value)
     if call.prefix is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              enable_gqa=query.shape[1] != key.shape[1])
@@ -205,8 +216,26 @@ def _checkpointing_guarded(model: nn.Module, decoder: nn.Module) -> Iterator[Non
             module._gradient_checkpointing_func = func
 
 
+def _gather_in_backward(unit: nn.Module, *recorded: torch.Tensor) -> None:
+    """Recorded keys / values leave their layer through the state, not as its output, so
+    FSDP2's pre-backward hooks (on a unit's outputs) miss them: a layer whose output is not used
+    (the last one of a prefix whose last hidden state is not read) would run the backward of its
+    key / value projections on freed weights. The layer's unit gathers them again first (no-op
+    when they are gathered); FSDP's post-backward reduce-scatters and frees as usual."""
+
+    def gather(grad: torch.Tensor) -> torch.Tensor:
+        unit.unshard()
+        return grad
+
+    for tensor in recorded:
+        tensor.register_hook(gather)
+
+
 def _run(model: nn.Module, decoder: nn.Module, ids: torch.Tensor, positions: torch.Tensor,
          call: _Call) -> torch.Tensor:
+    from opsd_kernels.sharding import is_fsdp_unit
+
+    call.units = [layer if is_fsdp_unit(layer) else None for layer in decoder.layers]
     with _attention_selected(decoder), _checkpointing_guarded(model, decoder):
         out = decoder(input_ids=ids, position_ids=positions, use_cache=False,
                       **{_CALL_KWARG: call})

@@ -2,9 +2,8 @@
 
 The oracle is TRL's own `compute_loss` (full logits, fp32), run on the same trainer instance and
 the same batch: the fused `compute_loss` must give the same value and the same gradient of every
-trainable parameter (relative 1e-5). The models are tiny Qwen3s built from a config, the
-tokenizer a character-level WordLevel one built in code, the datasets a few rows: nothing is
-downloaded.
+trainable parameter (relative 1e-5). The models, tokenizer and data come from trl_fixtures.py;
+the same under FSDP2: test_integrations_trl_fsdp.py.
 """
 
 from __future__ import annotations
@@ -23,20 +22,25 @@ tokenizers = pytest.importorskip("tokenizers")
 gkd = pytest.importorskip("trl.experimental.gkd")
 sdft = pytest.importorskip("trl.experimental.sdft")
 
+from trl_fixtures import (  # noqa: E402
+    SDFT_EXAMPLES,
+    VOCAB,
+    gkd_config,
+    gkd_dataset,
+    perturb,
+    sdft_batch,
+    sdft_config,
+    sdft_dataset,
+    tiny_model,
+    tiny_tokenizer,
+)
+
 from opsd_kernels.integrations.trl import (  # noqa: E402
     FusedGKDTrainer,
     FusedSDFTTrainer,
 )
 
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,:?!+-=\n")
-SPECIALS = ["<pad>", "<eos>", "<unk>", "<bos>"]
-VOCAB = 64  # > len(SPECIALS + CHARS): the head has unused rows, as real ones often do
 RTOL = 1e-5
-
-GKD_EXAMPLES = [("what is 2+2?", "it is 4."), ("hi", "hello there, friend."),
-                ("name a fruit", "a pear")]
-SDFT_EXAMPLES = [("what is 2+2?", "the answer is 4."), ("hi", "say hello"),
-                 ("name a fruit", "apple, pear")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,46 +51,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# --- tiny models, tokenizer, data ---------------------------------------------------------------
-
-
-def _tokenizer() -> transformers.PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), "isolated")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                               eos_token="<eos>", unk_token="<unk>",
-                                               bos_token="<bos>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n"
-                         "{% endfor %}{% if add_generation_prompt %}a:{% endif %}")
-    return tok
-
-
-def _model(seed: int, **config: object) -> nn.Module:
-    # initializer_range 0.3: peaked, distinct distributions (the default gives near-uniform ones)
-    cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=0.3,
-        pad_token_id=0, eos_token_id=1, bos_token_id=3, **config)
-    torch.manual_seed(seed)
-    return transformers.Qwen3ForCausalLM(cfg).float()
-
-
-def _perturb(model: nn.Module, seed: int) -> None:
-    """Move the student away from the weights its (base) teacher starts from."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-
-
-def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    fill = [[value] * (width - len(r)) for r in rows]
-    return torch.tensor([f + r if side == "left" else r + f for r, f in zip(rows, fill,
-                                                                              strict=True)])
 
 
 # --- comparison helpers -------------------------------------------------------------------------
@@ -126,22 +90,8 @@ def _assert_matches(model: nn.Module, fused: Callable[[], torch.Tensor],
 # --- GKD ----------------------------------------------------------------------------------------
 
 
-def _gkd_config(tmp: os.PathLike, **overrides: object) -> gkd.GKDConfig:
-    # bf16=False: the parity tests compare in fp32 (transformers turns bf16 autocast on by
-    # default where the CPU supports it)
-    # activation_checkpointing: TRL's default (on), under the name transformers 5 keeps
-    options = dict(output_dir=str(tmp), report_to="none", use_cpu=True, bf16=False,
-                   activation_checkpointing=True,
-                   per_device_train_batch_size=3, max_steps=1, save_strategy="no",
-                   beta=0.5, temperature=0.7, lmbda=0.0, max_new_tokens=4, max_length=64)
-    options.update(overrides)
-    return gkd.GKDConfig(**options)
 
 
-def _gkd_dataset() -> datasets.Dataset:
-    return datasets.Dataset.from_list([
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in GKD_EXAMPLES])
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +99,9 @@ def gkd_setup(tmp_path_factory) -> Iterator[tuple]:
     """A fused GKD trainer (student and a different teacher, untied heads) and a collated batch:
     left padding, prompt tokens masked with -100, completions of different lengths."""
     trainer = FusedGKDTrainer(
-        model=_model(0), teacher_model=_model(1),
-        args=_gkd_config(tmp_path_factory.mktemp("gkd")), train_dataset=_gkd_dataset(),
-        processing_class=_tokenizer())
+        model=tiny_model(0), teacher_model=tiny_model(1),
+        args=gkd_config(tmp_path_factory.mktemp("gkd")), train_dataset=gkd_dataset(),
+        processing_class=tiny_tokenizer())
     batch = trainer.data_collator([dict(row) for row in trainer.train_dataset])
     assert (batch["attention_mask"] == 0).any() and (batch["labels"] == -100).any()
     trainer.model.train()
@@ -237,10 +187,10 @@ def test_gkd_trains_on_policy(tmp_path):
     run in accelerate's autocast, as in TRL (the fused loss itself stays in fp32, so the values
     agree with TRL's, whose lm_head rounds the logits to bf16, only roughly)."""
     trainer = FusedGKDTrainer(
-        model=_model(2), teacher_model=_model(3),
-        args=_gkd_config(tmp_path, lmbda=1.0, per_device_train_batch_size=2, learning_rate=1e-2,
+        model=tiny_model(2), teacher_model=tiny_model(3),
+        args=gkd_config(tmp_path, lmbda=1.0, per_device_train_batch_size=2, learning_rate=1e-2,
                          bf16=True),
-        train_dataset=_gkd_dataset(), processing_class=_tokenizer(), fused_backend="torch",
+        train_dataset=gkd_dataset(), processing_class=tiny_tokenizer(), fused_backend="torch",
         fused_chunk_size=5)
     assert trainer.accelerator.native_amp
     batch = trainer.data_collator([dict(row) for row in trainer.train_dataset])
@@ -267,40 +217,10 @@ def test_gkd_trains_on_policy(tmp_path):
 # --- SDFT ---------------------------------------------------------------------------------------
 
 
-def _sdft_config(tmp: os.PathLike, **overrides: object) -> sdft.SDFTConfig:
-    options = dict(output_dir=str(tmp), report_to="none", use_cpu=True, bf16=False,
-                   activation_checkpointing=True,
-                   per_device_train_batch_size=2, num_generations=2, max_steps=1,
-                   save_strategy="no", max_completion_length=6, temperature=0.7,
-                   distillation_topk=8, teacher_model_kind="base")
-    options.update(overrides)
-    return sdft.SDFTConfig(**options)
 
 
-def _sdft_dataset() -> datasets.Dataset:
-    return datasets.Dataset.from_list([{"prompt": q, "privileged_context": c}
-                                       for q, c in SDFT_EXAMPLES])
 
 
-def _sdft_batch(trainer, lengths: list[int], seed: int) -> dict[str, torch.Tensor]:
-    """Student prompts (left-padded) and completions of the given lengths (right-padded; 0 = an
-    empty completion) with TRL's own teacher prompts (prompt + privileged context)."""
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [q for q, _ in SDFT_EXAMPLES]
-    contexts = [c for _, c in SDFT_EXAMPLES]
-    pad = trainer._tokenizer.pad_token_id
-    prompt_rows = trainer._tokenize_prompts(prompts)
-    completions = [torch.randint(4, len(SPECIALS + CHARS), (n,), generator=gen).tolist()
-                   for n in lengths]
-    batch = {
-        "prompt_ids": _pad(prompt_rows, pad, "left"),
-        "prompt_mask": _pad([[1] * len(r) for r in prompt_rows], 0, "left"),
-        "completion_ids": _pad(completions, pad, "right"),
-        "completion_mask": _pad([[1] * len(r) for r in completions], 0, "right"),
-    }
-    batch.update(trainer.teacher_context_builder.build(
-        prompts, contexts, batch["completion_ids"], batch["completion_mask"]))
-    return batch
 
 
 @pytest.fixture(scope="module")
@@ -308,12 +228,12 @@ def sdft_setup(tmp_path_factory) -> Iterator[tuple]:
     """A fused SDFT trainer: student loaded from a saved tiny model (tied embeddings), the
     frozen base teacher TRL loads from the same path, the student moved away from it."""
     path = tmp_path_factory.mktemp("tiny-qwen3")
-    _model(4, tie_word_embeddings=True).save_pretrained(path)
-    trainer = FusedSDFTTrainer(model=str(path), args=_sdft_config(tmp_path_factory.mktemp("sd")),
-                               train_dataset=_sdft_dataset(), processing_class=_tokenizer())
+    tiny_model(4, tie_word_embeddings=True).save_pretrained(path)
+    trainer = FusedSDFTTrainer(model=str(path), args=sdft_config(tmp_path_factory.mktemp("sd")),
+                               train_dataset=sdft_dataset(), processing_class=tiny_tokenizer())
     assert trainer.teacher_model is not trainer.model
-    _perturb(trainer.model, 5)
-    batch = _sdft_batch(trainer, [5, 0, 3], seed=6)
+    perturb(trainer.model, 5)
+    batch = sdft_batch(trainer, [5, 0, 3], seed=6)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop in real runs
     yield trainer, batch
@@ -390,7 +310,7 @@ def test_sdft_eval_and_all_masked(sdft_setup):
                    sdft.SDFTTrainer.compute_loss(trainer, trainer.model, batch), "eval loss")
     finally:
         trainer.model.train()
-    empty = _sdft_batch(trainer, [0, 0, 0], seed=8)
+    empty = sdft_batch(trainer, [0, 0, 0], seed=8)
     empty["completion_ids"] = torch.full((3, 2), trainer._tokenizer.pad_token_id)
     empty["completion_mask"] = torch.zeros(3, 2, dtype=torch.long)
     empty.update(trainer.teacher_context_builder.build(
@@ -408,13 +328,13 @@ def test_sdft_peft_base_teacher_matches_trl(tmp_path):
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                            init_lora_weights=False, task_type="CAUSAL_LM")
-    trainer = FusedSDFTTrainer(model=_model(9), args=_sdft_config(tmp_path),
-                               train_dataset=_sdft_dataset(), processing_class=_tokenizer(),
+    trainer = FusedSDFTTrainer(model=tiny_model(9), args=sdft_config(tmp_path),
+                               train_dataset=sdft_dataset(), processing_class=tiny_tokenizer(),
                                peft_config=lora)
     assert trainer.teacher_model is trainer.model and hasattr(trainer.model, "get_base_model")
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    batch = _sdft_batch(trainer, [4, 6, 2], seed=10)
+    batch = sdft_batch(trainer, [4, 6, 2], seed=10)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     for mode, alpha in (("full_logits", 0.5), ("topk_logits", 1.0)):
@@ -424,9 +344,9 @@ def test_sdft_peft_base_teacher_matches_trl(tmp_path):
 
 def test_sdft_trains(tmp_path):
     """A real training step with generation (the live teacher: the student itself)."""
-    trainer = FusedSDFTTrainer(model=_model(11), args=_sdft_config(
-        tmp_path, teacher_model_kind="live", learning_rate=1e-2), train_dataset=_sdft_dataset(),
-        processing_class=_tokenizer(), fused_chunk_size=3)
+    trainer = FusedSDFTTrainer(model=tiny_model(11), args=sdft_config(
+        tmp_path, teacher_model_kind="live", learning_rate=1e-2), train_dataset=sdft_dataset(),
+        processing_class=tiny_tokenizer(), fused_chunk_size=3)
     before = trainer.model.lm_head.weight.detach().clone()
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -439,8 +359,8 @@ def test_sdft_trains(tmp_path):
 def test_sdft_refuses_what_it_cannot_express(sdft_setup, monkeypatch, tmp_path):
     trainer, batch = sdft_setup
     with pytest.raises(ValueError, match="use_teacher_server"):
-        FusedSDFTTrainer(model=_model(12), args=_sdft_config(tmp_path, use_teacher_server=True),
-                         train_dataset=_sdft_dataset(), processing_class=_tokenizer())
+        FusedSDFTTrainer(model=tiny_model(12), args=sdft_config(tmp_path, use_teacher_server=True),
+                         train_dataset=sdft_dataset(), processing_class=tiny_tokenizer())
     with monkeypatch.context() as m:
         m.setattr(trainer.args, "use_teacher_server", True)
         with pytest.raises(ValueError, match="use_teacher_server"):
@@ -470,20 +390,21 @@ def test_gkd_errors(gkd_setup, monkeypatch, tmp_path):
         trainer.compute_loss(trainer.model, {**batch, "labels": batch["labels"] + 1000})
     for bad in ({"loss_temperature": 0.0}, {"fused_backend": "cuda"}, {"fused_chunk_size": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            FusedGKDTrainer(model=_model(0), teacher_model=_model(1), args=_gkd_config(tmp_path),
-                            train_dataset=_gkd_dataset(), processing_class=_tokenizer(), **bad)
+            FusedGKDTrainer(model=tiny_model(0), teacher_model=tiny_model(1),
+                            args=gkd_config(tmp_path), train_dataset=gkd_dataset(),
+                            processing_class=tiny_tokenizer(), **bad)
 
     peft = pytest.importorskip("peft")
-    on_head = peft.get_peft_model(_model(1), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    on_head = peft.get_peft_model(tiny_model(1), peft.LoraConfig(r=2, target_modules=["lm_head"]))
     monkeypatch.setattr(trainer, "teacher_model", on_head)
     with pytest.raises(ValueError, match="remove 'lm_head' from the adapter's target_modules"):
         trainer.compute_loss(trainer.model, batch)
-    prompt_tuning = peft.get_peft_model(_model(1), peft.PromptTuningConfig(
+    prompt_tuning = peft.get_peft_model(tiny_model(1), peft.PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=2))
     monkeypatch.setattr(trainer, "teacher_model", prompt_tuning)
     with pytest.raises(ValueError, match="prompt-learning"):
         trainer.compute_loss(trainer.model, batch)
-    scaled = _model(1)
+    scaled = tiny_model(1)
     scaled.config.logits_scaling = 4.0  # Granite-style logits / 4: not in the fused loss
     monkeypatch.setattr(trainer, "teacher_model", scaled)
     with pytest.raises(ValueError, match="logits_scaling"):

@@ -313,3 +313,18 @@ def test_tensorboard_is_written_or_its_absence_explained(tmp_path) -> None:
         return
     _trainer(tmp_path, max_steps=1, tensorboard=True).train()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_sharded_setups_it_cannot_run_are_refused() -> None:
+    """FSDP1 and DeepSpeed (the trainer runs DDP and FSDP2: test_trainer_fsdp.py)."""
+    from types import SimpleNamespace
+
+    from opsd_kernels.trainer.trainer import _check_distributed
+
+    fsdp1 = SimpleNamespace(distributed_type="FSDP",
+                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ValueError, match="set fsdp_version: 2"):
+        _check_distributed(fsdp1)
+    with pytest.raises(ValueError, match="DeepSpeed is not supported by OPSDTrainer"):
+        _check_distributed(SimpleNamespace(distributed_type="DEEPSPEED"))
+    _check_distributed(SimpleNamespace(distributed_type="MULTI_CPU"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import torch
 
@@ -22,12 +23,13 @@ def small_config(tmp_path, **overrides) -> OPSDConfig:
     return OPSDConfig.from_dict({**values, **overrides})
 
 
-def small_model(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32):
+def small_model(tokenizer=None, seed: int = 0, dtype: torch.dtype = torch.float32, **config):
     """A 2-layer model whose random weights are large enough that its two prompts give clearly
-    different next-token distributions (the default init gives near-uniform ones)."""
+    different next-token distributions (the default init gives near-uniform ones); ``config``
+    overrides Qwen3Config fields (tie_word_embeddings=False: a separate lm_head)."""
     tokenizer = tokenizer or tiny_tokenizer()
     model = tiny_model(tokenizer, hidden_size=32, layers=2, seed=seed, max_positions=256,
-                       initializer_range=0.3)
+                       initializer_range=0.3, **config)
     return model.to(dtype), tokenizer
 
 
@@ -43,3 +45,21 @@ def random_responses(vocab: int, eos: int, count: int, seed: int) -> list[list[i
         body = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))]
         out.append(body + [eos] if rng.random() < 0.5 else body)
     return out
+
+
+class FixedResponses:
+    """A rollout engine whose responses depend only on the prompt and the sample's index, so
+    runs over different numbers of processes train on the same data."""
+
+    def __init__(self, vocab: int, eos: int, seed: int = 0) -> None:
+        self.vocab, self.eos, self.seed = vocab, eos, seed
+
+    def generate(self, prompts, params) -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            key = zlib.crc32(str(list(prompt)).encode())
+            for k in range(params.num_samples):
+                rng = random.Random(key * 1009 + k * 31 + self.seed)
+                body = [rng.randrange(3, self.vocab) for _ in range(rng.randint(1, 9))]
+                out.append(body + [self.eos] if rng.random() < 0.5 else body)
+        return out

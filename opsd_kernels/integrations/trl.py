@@ -16,11 +16,18 @@ transformers; put one before a (subclass of a) TRL trainer in the bases. The rea
 are built on first access, which is when TRL gets imported: `import opsd_kernels` and
 `import opsd_kernels.integrations` stay free of it.
 
-Not covered: sharded parameters (FSDP, DeepSpeed ZeRO-3; the loss reads the heads' weights
-directly and would see shards), PEFT adapters on the lm_head or prompt-learning adapters (their
-effect lives outside the backbone and the head's weight), models that rescale their logits
-(`logit_scale`, `logits_scaling`), and SDFT's `use_teacher_server` (the teacher's log-probs then
-come from a vLLM server, with no hidden states to fuse). Each is refused with a ValueError.
+Sharded models: the student's loss runs as the forward of what the trainer holds (the FSDP2 root,
+the DeepSpeed engine), and `opsd_kernels.sharding` gives it the heads' weights whole: under FSDP2
+the head's unit gathers it, under ZeRO-3 the engine's forward does (and gathers it again for the
+backward); the student's gradient goes back through FSDP's reduce-scatter or ZeRO's partitioned
+gradients, and a separate teacher's head is gathered as a copy. FSDP2, ZeRO-2 and ZeRO-3 are
+tested with 2 CPU processes (configs in opsd_kernels/trainer/configs/); FSDP1 is refused (its
+flat parameters hide the head's weight).
+
+Not covered: PEFT adapters on the lm_head or prompt-learning adapters (their effect lives outside
+the backbone and the head's weight), models that rescale their logits (`logit_scale`,
+`logits_scaling`), and SDFT's `use_teacher_server` (the teacher's log-probs then come from a vLLM
+server, with no hidden states to fuse). Each is refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -28,20 +35,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import torch
 from torch import nn
 
+from opsd_kernels import sharding
 from opsd_kernels._guards import zeros_on_graph
 from opsd_kernels._peft import causal_lm
 from opsd_kernels.losses import fused_linear_divergence
 from opsd_kernels.types import BACKENDS, Backend
 
 __all__ = ["FusedGKDMixin", "FusedGKDTrainer", "FusedSDFTMixin", "FusedSDFTTrainer"]
-
-_T = TypeVar("_T")
 
 # Config attributes of models whose logits are lm_head(h) rescaled (Cohere multiplies by
 # logit_scale, Granite divides by logits_scaling): the fused loss would miss the factor.
@@ -100,35 +106,6 @@ def _resolve(model: nn.Module, accelerator: Any, what: str) -> _Role:
     return _Role(model, inner, backbone, head, float(softcap) if softcap else None)
 
 
-def _call_through(wrapper: nn.Module, inner: nn.Module, fn: Callable[[], _T]) -> _T:
-    """Run `fn` as the forward of `inner`, called by `wrapper`'s forward.
-
-    A DDP / FSDP / DeepSpeed wrapper does its bookkeeping (gradient-sync preparation, parameter
-    gathering) in its own forward, which a direct call of the backbone would skip. For an
-    unwrapped model this is just `fn()`, and so for a torch.compile'd one (its compiled forward
-    would trace `fn`, which was never checked under compile).
-    """
-    if wrapper is inner or getattr(wrapper, "_orig_mod", None) is inner:
-        return fn()
-    own = inner.__dict__.get("forward")
-
-    def restore() -> None:
-        if own is None:
-            inner.__dict__.pop("forward", None)
-        else:
-            inner.forward = own
-
-    def redirected(*_args: Any, **_kwargs: Any) -> _T:
-        restore()  # fn may call the module's real forward
-        return fn()
-
-    inner.forward = redirected
-    try:
-        return wrapper()
-    finally:
-        restore()
-
-
 def _mixed_precision(accelerator: Any) -> contextlib.AbstractContextManager:
     """The autocast accelerate wraps a prepared model's forward in (mixed precision)."""
     if not getattr(accelerator, "native_amp", False):
@@ -155,21 +132,39 @@ def _final_hidden(role: _Role, accelerator: Any, input_ids: torch.Tensor,
     return hidden.to(role.head.weight.dtype)
 
 
-def _head_args(student: _Role, teacher: _Role, what: str) -> dict[str, Any]:
-    """The head arguments of fused_linear_divergence for a student / teacher pair."""
+def _check_heads(student: _Role, teacher: _Role, what: str) -> None:
     if student.softcap != teacher.softcap:
         _fail(f"{what}: student and teacher soft-cap their logits differently "
               f"({student.softcap} vs {teacher.softcap}); the fused loss applies one cap")
+
+
+@contextlib.contextmanager
+def _head_args(student: _Role, teacher: _Role) -> Iterator[dict[str, Any]]:
+    """The head arguments of fused_linear_divergence for a student / teacher pair, whole for the
+    block (gathered from their shards under FSDP2; see `opsd_kernels.sharding`). Enter it inside
+    the student's forward: the student's gradient then goes back through its wrapper."""
     shared = teacher.head.weight is student.head.weight
-    t_bias = teacher.head.bias
-    return {
-        # One GEMM gives both roles' logits when the head is shared (live or base-adapter
-        # teacher); a separate head is a fixed target, so it is detached.
-        "teacher_weight": None if shared else teacher.head.weight.detach(),
-        "student_bias": student.head.bias,
-        "teacher_bias": None if t_bias is None else t_bias.detach(),
-        "logit_softcap": student.softcap,
-    }
+    with contextlib.ExitStack() as stack:
+
+        def student_param(name: str) -> torch.Tensor | None:
+            if getattr(student.head, name) is None:
+                return None
+            return stack.enter_context(sharding.full_weight(student.inner, student.head, name))
+
+        def teacher_copy(name: str) -> torch.Tensor | None:
+            if getattr(teacher.head, name) is None:
+                return None
+            return sharding.full_copy(teacher.inner, teacher.head, name)
+
+        yield {
+            "weight": student_param("weight"),
+            # One GEMM gives both roles' logits when the head is shared (live or base-adapter
+            # teacher); a separate head is a fixed target, so it is detached.
+            "teacher_weight": None if shared else teacher_copy("weight"),
+            "student_bias": student_param("bias"),
+            "teacher_bias": teacher_copy("bias"),
+            "logit_softcap": student.softcap,
+        }
 
 
 def _batch(inputs: Mapping[str, Any], keys: tuple[str, ...], what: str) -> list[torch.Tensor]:
@@ -193,15 +188,13 @@ def _check_kernel_options(backend: str, chunk_size: int | None) -> None:
         _fail(f"fused_chunk_size: must be a positive integer, got {chunk_size!r}")
 
 
-def _check_unsharded(trainer: Any, what: str) -> None:
-    # Under FSDP / ZeRO-3 the head's weight outside its module's forward is a shard.
-    if getattr(trainer, "is_fsdp_enabled", False):
-        _fail(f"{what}: FSDP is not supported (the fused loss reads the lm_head weight directly)")
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
-        if getattr(plugin, "zero_stage", None) == 3:
-            _fail(f"{what}: DeepSpeed ZeRO-3 is not supported (the fused loss reads the lm_head "
-                  "weight directly)")
+def _check_sharding(trainer: Any, what: str) -> None:
+    # FSDP2's DTensor shards and ZeRO-3's partitions are gathered by opsd_kernels.sharding; FSDP1
+    # flattens each unit's parameters into one buffer, where the head's weight cannot be found.
+    plugin = getattr(getattr(trainer.accelerator, "state", None), "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and getattr(plugin, "fsdp_version", 1) != 2:
+        _fail(f"{what}: FSDP1 is not supported (the fused loss reads the lm_head weight, which "
+              "FSDP1 flattens into its units' buffers); use FSDP2 (fsdp_version: 2)")
 
 
 class FusedGKDMixin:
@@ -231,7 +224,7 @@ class FusedGKDMixin:
                   f"{loss_temperature!r}")
         _check_kernel_options(fused_backend, fused_chunk_size)
         super().__init__(*args, **kwargs)
-        _check_unsharded(self, type(self).__name__)
+        _check_sharding(self, type(self).__name__)
         self.loss_temperature = loss_temperature
         self.fused_backend = fused_backend
         self.fused_chunk_size = fused_chunk_size
@@ -247,12 +240,12 @@ class FusedGKDMixin:
             inputs, ("input_ids", "attention_mask", "labels"), what)
         student = _resolve(model, self.accelerator, f"{what} (student)")
         teacher = _resolve(self.teacher_model, self.accelerator, f"{what} (teacher)")
-        heads = _head_args(student, teacher, what)
+        _check_heads(student, teacher, what)
         tau = 1.0 if self.loss_temperature is None else float(self.loss_temperature)
 
         self.teacher_model.eval()
         with torch.no_grad():
-            teacher_hidden = _call_through(
+            teacher_hidden = sharding.run_as_forward(
                 teacher.wrapper, teacher.inner,
                 lambda: _final_hidden(teacher, self.accelerator, input_ids, attention_mask))
 
@@ -260,13 +253,14 @@ class FusedGKDMixin:
             hidden = _final_hidden(student, self.accelerator, input_ids, attention_mask)
             # Position i predicts token i + 1; labels are -100 on prompt and padding tokens, so
             # the shifted labels carry the mask.
-            return fused_linear_divergence(
-                hidden[:, :-1], student.head.weight, teacher_hidden[:, :-1], **heads,
-                labels=labels[:, 1:], divergence="jsd", beta=float(self.beta),
-                temperature=tau, reduction="mean", num_items=num_items_in_batch,
-                backend=self.fused_backend, chunk_size=self.fused_chunk_size)
+            with _head_args(student, teacher) as heads:
+                return fused_linear_divergence(
+                    hidden[:, :-1], heads.pop("weight"), teacher_hidden[:, :-1], **heads,
+                    labels=labels[:, 1:], divergence="jsd", beta=float(self.beta),
+                    temperature=tau, reduction="mean", num_items=num_items_in_batch,
+                    backend=self.fused_backend, chunk_size=self.fused_chunk_size)
 
-        loss = _call_through(student.wrapper, student.inner, student_loss)
+        loss = sharding.run_as_forward(student.wrapper, student.inner, student_loss)
         if not return_outputs:
             return loss
         # Evaluation asks for the logits (compute_metrics); the fused loss never forms them, so
@@ -320,7 +314,7 @@ class FusedSDFTMixin:
             _check_sdft_config(config, type(self).__name__)
         super().__init__(*args, **kwargs)
         _check_sdft_config(self.args, type(self).__name__)
-        _check_unsharded(self, type(self).__name__)
+        _check_sharding(self, type(self).__name__)
         self.fused_backend = fused_backend
         self.fused_chunk_size = fused_chunk_size
 
@@ -350,7 +344,7 @@ class FusedSDFTMixin:
         width = completion_ids.size(1)
         student = _resolve(model, self.accelerator, f"{what} (student)")
         teacher = _resolve(self.teacher_model, self.accelerator, f"{what} (teacher)")
-        heads = _head_args(student, teacher, what)
+        _check_heads(student, teacher, what)
 
         loss_mask = completion_mask
         skip = self.num_loss_tokens_to_skip
@@ -370,7 +364,7 @@ class FusedSDFTMixin:
         # The teacher context disables the student's adapter (base teacher) or selects the EMA
         # adapter, as in TRL; for a separate teacher model it does nothing.
         with torch.no_grad(), self._get_teacher_context_for_self_distillation():
-            teacher_hidden = _call_through(
+            teacher_hidden = sharding.run_as_forward(
                 teacher.wrapper, teacher.inner,
                 lambda: _final_hidden(teacher, self.accelerator, t_ids, t_mask))
         teacher_hidden = teacher_hidden[:, :-1][:, -width:]
@@ -381,21 +375,23 @@ class FusedSDFTMixin:
                                    torch.cat([prompt_mask, completion_mask], dim=1))
             # Completion token j is predicted at position P + j - 1 (P the prompt width).
             hidden = hidden[:, :-1][:, -width:]
-            common = dict(labels=labels, temperature=float(self.temperature), **options,
-                          **heads, return_stats=True, backend=self.fused_backend,
-                          chunk_size=self.fused_chunk_size)
-            if not importance:
-                # Mean over each sequence's loss tokens, then over all B sequences (empty ones
-                # count as 0, as in TRL): sequence_mean with num_items = B (times the
-                # accumulation steps TRL divides by).
-                loss, stats = fused_linear_divergence(
-                    hidden, student.head.weight, teacher_hidden, reduction="sequence_mean",
-                    num_items=completion_ids.size(0) * scale, **common)
-                return loss, stats.divergence
-            # The importance ratio depends on the current student's log p(y), which only this
-            # pass computes: take per-token losses and reduce here.
-            per_token, stats = fused_linear_divergence(
-                hidden, student.head.weight, teacher_hidden, reduction="none", **common)
+            with _head_args(student, teacher) as heads:
+                weight = heads.pop("weight")
+                common = dict(labels=labels, temperature=float(self.temperature), **options,
+                              **heads, return_stats=True, backend=self.fused_backend,
+                              chunk_size=self.fused_chunk_size)
+                if not importance:
+                    # Mean over each sequence's loss tokens, then over all B sequences (empty
+                    # ones count as 0, as in TRL): sequence_mean with num_items = B (times the
+                    # accumulation steps TRL divides by).
+                    loss, stats = fused_linear_divergence(
+                        hidden, weight, teacher_hidden, reduction="sequence_mean",
+                        num_items=completion_ids.size(0) * scale, **common)
+                    return loss, stats.divergence
+                # The importance ratio depends on the current student's log p(y), which only
+                # this pass computes: take per-token losses and reduce here.
+                per_token, stats = fused_linear_divergence(
+                    hidden, weight, teacher_hidden, reduction="none", **common)
             log_ratio = (stats.student_logprob - old_logps.to(stats.student_logprob)).detach()
             ratio = torch.exp(log_ratio.clamp(min=-20.0, max=20.0)).clamp(max=clip)
             per_token = per_token * ratio
@@ -405,7 +401,7 @@ class FusedSDFTMixin:
             loss = per_sequence.sum() / max(per_sequence.numel(), 1)
             return loss / scale, per_token.detach()
 
-        loss, per_token = _call_through(student.wrapper, student.inner, student_loss)
+        loss, per_token = sharding.run_as_forward(student.wrapper, student.inner, student_loss)
         # TRL's metric: the token mean of the (importance-weighted) per-token loss.
         mask = loss_mask.to(per_token.dtype)
         mean_loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)

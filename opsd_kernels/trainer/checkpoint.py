@@ -4,7 +4,13 @@ optimizer, scheduler and RNG as accelerate writes them, the step and the EMA tea
 registered objects, and the model (or its LoRA adapter) in Hugging Face format by
 ``save_pretrained``, so ``opsd eval --checkpoint`` and ``from_pretrained`` read it and a LoRA run
 does not write its frozen base each time. Sampling is reseeded from (seed, step, rank) every
-step, so a resumed run repeats the interrupted one's next steps exactly."""
+step, so a resumed run repeats the interrupted one's next steps exactly.
+
+Under FSDP accelerate saves and loads the sharded model and optimizer itself (the config's
+``fsdp_state_dict_type``; SHARDED_STATE_DICT in the shipped configs: torch.distributed.checkpoint
+files written by every process), and resuming reads those; the Hugging Face copy is written
+besides, from the whole state dict gathered onto rank 0, for ``opsd eval`` and
+``from_pretrained``."""
 
 from __future__ import annotations
 
@@ -18,14 +24,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from opsd_kernels import sharding
+
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
-def save_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
-    """Hugging Face format: the full model, or the adapter of a peft model."""
+def save_model(model: nn.Module, tokenizer: Any, directory: Path, write: bool = True) -> None:
+    """Hugging Face format: the full model, or the adapter of a peft model. An FSDP2-sharded
+    model is gathered first, which every process must join; only those with ``write`` write."""
+    whole = sharding.full_state_dict(model)  # None: model.state_dict() is whole already
+    if not write:
+        return
     with _no_progress_bars():  # a "Writing model shards" bar per save, amid the step lines
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **({} if whole is None else {"state_dict": whole}))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -89,14 +101,17 @@ def project_configuration(output_dir: Path, total_limit: int | None) -> Any:
 def use_hugging_face_format(accelerator: Any, model: Callable[[], nn.Module],
                             tokenizer: Any) -> None:
     """Make save_state / load_state write and read ``model()`` by save_pretrained instead of
-    accelerate's state dict of the prepared module (accelerate's documented hooks)."""
+    accelerate's state dict of the prepared module (accelerate's documented hooks). Under FSDP
+    accelerate has saved and loads the sharded model already; the Hugging Face copy is written
+    besides and not read back."""
 
     def save(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            save_model(model(), tokenizer, Path(output_dir))
+        save_model(model(), tokenizer, Path(output_dir), write=accelerator.is_main_process)
         weights.clear()
 
     def load(models: list, input_dir: str) -> None:
+        if accelerator.distributed_type == "FSDP":
+            return
         load_model_weights(model(), Path(input_dir))
         models.clear()
 

@@ -13,7 +13,12 @@ from opsd_kernels.trainer.answers import count_correct
 from opsd_kernels.trainer.checkpoint import load_model_weights
 from opsd_kernels.trainer.config import OPSDConfig
 from opsd_kernels.trainer.prompts import EncodedProblem
-from opsd_kernels.trainer.rollouts import HFGenerateEngine, RolloutEngine, SamplingParams
+from opsd_kernels.trainer.rollouts import (
+    HFGenerateEngine,
+    InForwardEngine,
+    RolloutEngine,
+    SamplingParams,
+)
 
 
 def evaluate(model: nn.Module, tokenizer: Any, problems: list[EncodedProblem],
@@ -37,7 +42,9 @@ def evaluate(model: nn.Module, tokenizer: Any, problems: list[EncodedProblem],
     params = SamplingParams(num_samples, temperature, config.rollout_top_p, config.rollout_top_k,
                             config.eval_max_new_tokens or config.max_new_tokens)
     prompts = [p.student if prompt == "student" else p.teacher for p in mine]
-    responses = engine.generate(prompts, params) if mine else []
+    # An engine on sharded weights needs every process in each call, with prompts or none.
+    joins = bool(mine) or isinstance(engine, InForwardEngine)
+    responses = engine.generate(prompts, params) if joins else []
     answers = [p.answer for p in mine for _ in range(num_samples)]
     boxed = count_correct(tokenizer, responses, answers)
     unboxed = count_correct(tokenizer, responses, answers, unboxed=True)

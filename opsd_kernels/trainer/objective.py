@@ -1,5 +1,5 @@
-"""The training objective of one micro-batch, as an nn.Module so accelerate's DDP wrapper
-covers it whole. Per method:
+"""The training objective of one micro-batch, as an nn.Module so accelerate's DDP wrapper (or
+the FSDP2 root unit) covers it whole. Per method:
 
 - opsd: the student's and the teacher's final hidden states at the response tokens, then the
   fused divergence on the shared lm_head (plus, with ``sft_loss_weight``, that weight times the
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from opsd_kernels import sharding
 from opsd_kernels._peft import causal_lm
 from opsd_kernels.logprobs import fused_linear_logprobs
 from opsd_kernels.losses import fused_linear_divergence
@@ -74,6 +75,19 @@ class DistillationObjective(nn.Module):
         self.config = config
         self.pad_token_id = pad_token_id
 
+    # accelerate's FSDP2 preparation reads these from the module it shards (this one): each
+    # decoder layer becomes its own unit, and so do the input embeddings and the lm_head, which
+    # is then gathered only around the loss (sharding.full_weight).
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(causal_lm(self.model), "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return causal_lm(self.model).get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return causal_lm(self.model).get_output_embeddings()
+
     def forward(self, batch: RolloutBatch, num_items: torch.Tensor,
                 targets: RolloutBatch | None = None, num_target_items: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -81,8 +95,8 @@ class DistillationObjective(nn.Module):
         ``targets`` (the reference solutions, with their global token count
         ``num_target_items``) add ``sft_loss_weight`` x their cross-entropy to opsd's loss."""
         lm = causal_lm(self.model)
-        weight = lm.get_output_embeddings().weight
-        device = weight.device
+        lm_head = lm.get_output_embeddings()
+        device = lm_head.weight.device
         responses, lengths = pad_rows(batch.responses, self.pad_token_id, device)
         group_index = torch.tensor(batch.group_index, dtype=torch.int64, device=device)
         steps = torch.arange(responses.shape[1], device=device)
@@ -92,21 +106,24 @@ class DistillationObjective(nn.Module):
         tokens = (labels != IGNORE).sum()
         if self.config.method == "sft":
             hidden = self._hidden(lm, students, *rows)
-            return sum_cross_entropy(hidden, weight, labels) / num_items, {"tokens": tokens}
+            with sharding.full_weight(self, lm_head) as weight:
+                return sum_cross_entropy(hidden, weight, labels) / num_items, {"tokens": tokens}
         if self.config.method == "grpo":
-            return self._policy_gradient(lm, weight, students, rows, labels, num_items)
+            return self._policy_gradient(lm, lm_head, students, rows, labels, num_items)
 
         head = self._shared_head(lm, batch.problems, device)
         teachers = [p.teacher for p in batch.problems]
         with torch.no_grad(), self.teacher.weights():
             teacher_hidden = self._hidden(lm, teachers, *rows, head=head)
-            teacher_weight = weight.detach().clone() if self.teacher.changes(weight) else None
+            teacher_weight = self._teacher_head(lm_head)
         student_hidden = self._hidden(lm, students, *rows, head=head)
         c = self.config
-        loss, stats = fused_linear_divergence(
-            student_hidden, weight, teacher_hidden, teacher_weight=teacher_weight, labels=labels,
-            divergence=c.divergence, beta=c.beta, temperature=c.loss_temperature,
-            top_k=c.loss_top_k, clip=c.clip, num_items=num_items, return_stats=True)
+        with sharding.full_weight(self, lm_head) as weight:
+            loss, stats = fused_linear_divergence(
+                student_hidden, weight, teacher_hidden, teacher_weight=teacher_weight,
+                labels=labels, divergence=c.divergence, beta=c.beta,
+                temperature=c.loss_temperature, top_k=c.loss_top_k, clip=c.clip,
+                num_items=num_items, return_stats=True)
         sums = {
             "tokens": tokens,
             "divergence": stats.divergence.sum().detach(),
@@ -114,12 +131,12 @@ class DistillationObjective(nn.Module):
             "teacher_entropy": stats.teacher_entropy.sum().detach(),
         }
         if targets is not None:
-            sft = self._target_cross_entropy(lm, weight, targets) / num_target_items
+            sft = self._target_cross_entropy(lm, lm_head, targets) / num_target_items
             loss = loss + c.sft_loss_weight * sft
             sums["sft_loss"] = sft.detach()
         return loss, sums
 
-    def _policy_gradient(self, lm: nn.Module, weight: torch.Tensor, students: list[list[int]],
+    def _policy_gradient(self, lm: nn.Module, lm_head: nn.Module, students: list[list[int]],
                          rows: tuple, labels: torch.Tensor, num_items: torch.Tensor,
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """GRPO with one update per rollout batch: the ratio exp(log p - sg(log p)) is 1 in
@@ -129,8 +146,9 @@ class DistillationObjective(nn.Module):
         if batch.advantages is None:
             raise ValueError("method grpo: the rollout batch has no advantages")
         hidden = self._hidden(lm, students, *rows)
-        logp = fused_linear_logprobs(hidden, weight, labels, ignore_index=IGNORE,
-                                     temperature=self.config.rollout_temperature)
+        with sharding.full_weight(self, lm_head) as weight:
+            logp = fused_linear_logprobs(hidden, weight, labels, ignore_index=IGNORE,
+                                         temperature=self.config.rollout_temperature)
         advantages = torch.tensor(batch.advantages, dtype=torch.float32, device=logp.device)
         ratio = torch.exp(logp - logp.detach())
         per_token = -advantages[:, None] * ratio
@@ -138,17 +156,26 @@ class DistillationObjective(nn.Module):
         tokens = (labels != IGNORE).sum()
         return loss, {"tokens": tokens, "logprob": logp.sum().detach()}
 
-    def _target_cross_entropy(self, lm: nn.Module, weight: torch.Tensor,
+    def _target_cross_entropy(self, lm: nn.Module, lm_head: nn.Module,
                               targets: RolloutBatch) -> torch.Tensor:
         """Summed cross-entropy of the reference solutions under the student prompts."""
-        device = weight.device
+        device = lm_head.weight.device
         responses, lengths = pad_rows(targets.responses, self.pad_token_id, device)
         group_index = torch.tensor(targets.group_index, dtype=torch.int64, device=device)
         steps = torch.arange(responses.shape[1], device=device)
         labels = responses.masked_fill(steps[None, :] >= lengths[:, None], IGNORE)
         hidden = self._hidden(lm, [p.student for p in targets.problems], targets, responses,
                               lengths, group_index)
-        return sum_cross_entropy(hidden, weight, labels)
+        with sharding.full_weight(self, lm_head) as weight:
+            return sum_cross_entropy(hidden, weight, labels)
+
+    def _teacher_head(self, lm_head: nn.Module) -> torch.Tensor | None:
+        """A copy of the lm_head weight as the teacher sees it (inside its weights block), when
+        it differs from the student's; None when both share it."""
+        if not self.teacher.changes(lm_head.weight):
+            return None
+        with sharding.full_weight(self, lm_head) as weight:
+            return weight.detach().clone()
 
     def _shared_head(self, lm: nn.Module, problems: list[EncodedProblem],
                      device: torch.device) -> tuple[PrefixState, list[int]] | None:

@@ -1,5 +1,6 @@
 """Rollouts: responses sampled from the student. `RolloutEngine` is the seam where another
-engine (vLLM, SGLang) plugs in; `HFGenerateEngine` uses transformers' `generate`."""
+engine (vLLM, SGLang) plugs in; `HFGenerateEngine` uses transformers' `generate`, and
+`InForwardEngine` runs an engine inside the forward of an FSDP2 root."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from opsd_kernels import sharding
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,14 @@ class HFGenerateEngine:
             sampling |= {"do_sample": True, "temperature": params.temperature,
                          "top_p": params.top_p, "top_k": params.top_k}  # 0 = off
         ids, mask = ids.to(device), mask.to(device)
+        # Sharded weights are gathered layer by layer in every process at once: each process
+        # keeps stepping until all are done (transformers' synced_gpus), and skips the prefill,
+        # whose use depends on its own prompts' width.
+        synced = _shared_by_processes(self.model)
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.share_prompts and samples > 1 and width > 1:
+            if self.share_prompts and samples > 1 and width > 1 and not synced:
                 sampling[self._cache_name()] = self._prefill(ids, mask, samples)
                 ids, mask = ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
                 samples = 1
@@ -88,7 +95,7 @@ class HFGenerateEngine:
                 input_ids=ids, attention_mask=mask,
                 max_new_tokens=params.max_new_tokens, num_return_sequences=samples,
                 pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True,
-                **sampling)
+                synced_gpus=synced, **sampling)
         finally:
             self.model.train(was_training)
         rows = [_until_eos(row, self.eos_token_id) for row in generated[:, width:].tolist()]
@@ -112,6 +119,40 @@ class HFGenerateEngine:
 
         forward = inspect.signature(causal_lm(self.model).forward).parameters
         return "cache" if "cache" in forward else "past_key_values"
+
+
+class InForwardEngine:
+    """``engine``'s generate run as the forward of ``root``, an FSDP2 root module that contains
+    the model: the root gathers its own parameters there and the units inside it gather theirs
+    as it expects (a unit whose forward runs first outside the root's would take itself for the
+    root). Every process takes part in each all-gather, so all run the same number of prompts:
+    those with fewer add copies of a prompt and drop their responses."""
+
+    def __init__(self, engine: RolloutEngine, root: nn.Module) -> None:
+        self.engine = engine
+        self.root = root
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams) -> list[list[int]]:
+        import torch.distributed as dist
+
+        count = torch.tensor([len(prompts)], device=next(self.root.parameters()).device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        extra = int(count.item()) - len(prompts)
+        if extra + len(prompts) == 0:
+            return []
+        filler = list(prompts[0]) if prompts else [0, 0]
+        padded = [*prompts, *([filler] * extra)]
+        out = sharding.run_as_forward(self.root, self.root,
+                                      lambda: self.engine.generate(padded, params))
+        return out[: len(prompts) * params.num_samples]
+
+
+def _shared_by_processes(model: nn.Module) -> bool:
+    import torch.distributed as dist
+
+    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and sharding.is_sharded(model))
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:

@@ -1,7 +1,11 @@
 """The teacher's weights. `current`: the student's own (no grad); `fixed`: the initial policy,
 read by disabling the LoRA adapters (the OPSD reference code's recommended mode); `ema`: an
 exponential moving average of the trainable weights, swapped in for the teacher's passes (no
-second model in memory: only the trainable tensors are kept twice, in fp32)."""
+second model in memory: only the trainable tensors are kept twice, in fp32).
+
+Under FSDP2 each process keeps the EMA of its own shards (the EMA of a shard is the shard of the
+EMA): the teacher's passes copy them into the parameters' shards, which the passes' all-gathers
+then read, and the student's shards are copied back after; checkpoints hold the whole EMA."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from opsd_kernels import sharding
 from opsd_kernels.trainer.config import TeacherMode
 
 
@@ -19,13 +24,20 @@ class Teacher:
         self.mode = mode
         self.model = model  # the top-level model (a peft model under LoRA)
         self.decay = ema_decay
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params: list[nn.Parameter] = []
         self.ema: list[torch.Tensor] = []
         if mode == "fixed" and not hasattr(model, "disable_adapter"):
             raise ValueError("teacher_mode: 'fixed' needs a peft model with LoRA adapters "
                              "(set lora: true)")
-        if mode == "ema":
-            self.ema = [p.detach().float().clone() for p in self.params]
+        self.reread_parameters()
+
+    def reread_parameters(self) -> None:
+        """Take the trainable parameters (again): accelerate's FSDP2 preparation replaces each by
+        its shard, a DTensor of the same values. The EMA starts from the parameters' values."""
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.mode == "ema":
+            self.places = sharding.places(self.model, self.params)
+            self.ema = [sharding.local_shard(p).float().clone() for p in self.params]
 
     @property
     def shares_weights(self) -> bool:
@@ -44,6 +56,9 @@ class Teacher:
         elif self.mode == "fixed":
             with self.model.disable_adapter():
                 yield
+        elif any(sharding.is_dtensor(p) for p in self.params):
+            with self._ema_in_shards():
+                yield
         else:
             student = [p.data for p in self.params]
             for p, e in zip(self.params, self.ema, strict=True):
@@ -54,20 +69,34 @@ class Teacher:
                 for p, s in zip(self.params, student, strict=True):
                     p.data = s
 
+    @contextlib.contextmanager
+    def _ema_in_shards(self) -> Iterator[None]:
+        # FSDP2 all-gathers from the shards' storage, so the EMA is copied into it (and into the
+        # copies gathered already: the root's during its forward); then the student's, back.
+        student = [sharding.local_shard(p).clone() for p in self.params]
+        sharding.assign(self.params, self.places, self.ema)
+        try:
+            yield
+        finally:
+            sharding.assign(self.params, self.places, student)
+
     @torch.no_grad()
     def update(self) -> None:
         """After each optimizer step: ema <- decay * ema + (1 - decay) * weights."""
         if self.mode == "ema":
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params],
+            torch._foreach_lerp_(self.ema, [sharding.local_shard(p).float() for p in self.params],
                                  1.0 - self.decay)
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "ema": [e.clone() for e in self.ema]}
+        """The whole EMA (under FSDP2 gathered from every process's shards: all must call it)."""
+        ema = [sharding.whole(e, p).clone() for e, p in zip(self.ema, self.params, strict=True)
+               ] if self.mode == "ema" else []
+        return {"mode": self.mode, "ema": ema}
 
     def load_state_dict(self, state: dict) -> None:
         if state["mode"] != self.mode:
             raise ValueError(f"checkpoint: saved with teacher_mode {state['mode']!r}, the "
                              f"config says {self.mode!r}")
         if self.mode == "ema":
-            for e, saved in zip(self.ema, state["ema"], strict=True):
-                e.copy_(saved)
+            for e, saved, p in zip(self.ema, state["ema"], self.params, strict=True):
+                e.copy_(sharding.shard_of(saved, p))

@@ -33,12 +33,13 @@ def tiny_model(tokenizer: Any, *, hidden_size: int = 128, layers: int = 4, seed:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=hidden_size // 4, max_position_embeddings=max_positions,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **config)
+    config = Qwen3Config(**{
+        "vocab_size": len(tokenizer), "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": hidden_size // 4,
+        "max_position_embeddings": max_positions, "tie_word_embeddings": True,
+        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None, **config})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)

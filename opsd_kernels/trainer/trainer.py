@@ -1,7 +1,7 @@
 """`OPSDTrainer`: sample rollouts from the student, score them under the teacher prompt, step
-on the fused divergence. One process, or several under torchrun through
-`accelerate.Accelerator` (DDP; tested with 2 CPU processes on gloo). Nothing here has run
-under FSDP: the EMA teacher is refused there, the rest is untested."""
+on the fused divergence. One process, or several through `accelerate.Accelerator`: DDP under
+torchrun, FSDP2 under ``accelerate launch`` with ``fsdp_version: 2`` (both tested with 2 CPU
+processes on gloo; `opsd_kernels.sharding` gathers the sharded lm_head for the loss)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from opsd_kernels import sharding
 from opsd_kernels.trainer import checkpoint
 from opsd_kernels.trainer.answers import correct_flags, group_advantages
 from opsd_kernels.trainer.config import OPSDConfig
@@ -26,7 +27,12 @@ from opsd_kernels.trainer.models import check_model, prepare_model
 from opsd_kernels.trainer.nonfinite import NonFiniteSteps, TrainingStopped
 from opsd_kernels.trainer.objective import DistillationObjective, RolloutBatch
 from opsd_kernels.trainer.prompts import EncodedProblem, PromptEncoder
-from opsd_kernels.trainer.rollouts import HFGenerateEngine, RolloutEngine, SamplingParams
+from opsd_kernels.trainer.rollouts import (
+    HFGenerateEngine,
+    InForwardEngine,
+    RolloutEngine,
+    SamplingParams,
+)
 from opsd_kernels.trainer.teacher import Teacher
 
 __all__ = ["OPSDTrainer", "TrainingStopped"]
@@ -65,10 +71,7 @@ class OPSDTrainer:
             cpu=config.device == "cpu", log_with=log_with,
             project_config=checkpoint.project_configuration(self.output_dir,
                                                             config.save_total_limit))
-        if config.teacher_mode == "ema" and self.accelerator.distributed_type == "FSDP":
-            raise ValueError("config.teacher_mode: 'ema' swaps whole parameters in for the "
-                             "teacher, which FSDP's shards do not allow; use 'fixed' (LoRA) "
-                             "or 'current' under FSDP")
+        _check_distributed(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         self.encoder = PromptEncoder(tokenizer, config)
         self.train_problems = self._encoded(train_dataset, "train")
@@ -91,9 +94,13 @@ class OPSDTrainer:
                                        num_training_steps=config.max_steps)
         self.objective, self.optimizer, self.scheduler = self.accelerator.prepare(
             self.objective, self.optimizer, self.scheduler)
-        self.params = params
+        # FSDP2's preparation replaces each parameter by its shard: take them again.
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.teacher.reread_parameters()
         self.engine = rollout_engine or HFGenerateEngine(model, pad, tokenizer.eos_token_id,
                                                           share_prompts=True)
+        if sharding.is_fsdp_unit(self.objective):  # FSDP2: generate inside the root's forward
+            self.engine = InForwardEngine(self.engine, self.objective)
         self.progress = checkpoint.Progress()
         self._checkpointed = (self.progress, self.teacher)
         self.accelerator.register_for_checkpointing(*self._checkpointed)
@@ -318,9 +325,8 @@ class OPSDTrainer:
     def save(self, directory: str | Path) -> None:
         """The model (or LoRA adapter) and tokenizer in Hugging Face format."""
         self.accelerator.wait_for_everyone()
-        if self.is_main:
-            checkpoint.save_model(self.accelerator.unwrap_model(self.objective).model,
-                                  self.tokenizer, Path(directory))
+        checkpoint.save_model(self.accelerator.unwrap_model(self.objective).model,
+                              self.tokenizer, Path(directory), write=self.is_main)
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
@@ -334,6 +340,20 @@ class OPSDTrainer:
     def _print(self, message: str) -> None:
         if self.is_main:
             print(message, flush=True)
+
+
+def _check_distributed(accelerator: Any) -> None:
+    """Refuse the sharded setups the trainer cannot run (it runs DDP and FSDP2)."""
+    if accelerator.distributed_type == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ValueError("accelerate config: FSDP1 flattens each unit's parameters into one "
+                         "buffer, where the fused loss cannot find the lm_head weight; set "
+                         "fsdp_version: 2 (opsd_kernels/trainer/configs/fsdp2.yaml)")
+    if accelerator.distributed_type == "DEEPSPEED":
+        raise ValueError("accelerate config: DeepSpeed is not supported by OPSDTrainer "
+                         "(accelerate's backward takes DeepSpeed's optimizer step itself, before "
+                         "the trainer's accumulation boundary, gradient-norm check and skipping "
+                         "of non-finite steps); use FSDP2 (opsd_kernels/trainer/configs/"
+                         "fsdp2.yaml). The TRL integration runs under ZeRO-2 and ZeRO-3.")
 
 
 def _is_problems(dataset: Any) -> bool:

@@ -1,0 +1,150 @@
+"""The trainer under FSDP2: two processes (gloo on CPU) started by `accelerate launch` with the
+shipped configs/fsdp2.yaml run every case of tests/fsdp_train_worker.py in one launch; this
+file computes the same in one process and compares (fp32, relative 1e-5).
+
+- one micro-batch's loss and the whole (gathered) gradient of every trainable parameter, for a
+  frozen head (LoRA) and a trainable one, tied and untied embeddings, shared prefixes on and off,
+  and once with gradient checkpointing;
+- two optimizer steps with the EMA teacher and two accumulated micro-batches: losses, every
+  parameter (the same on both processes) and the EMA;
+- the same run stopped after one step and resumed from its checkpoint: the next loss and the
+  final weights, and the final/ model rank 0 wrote;
+- greedy evaluation with one process holding fewer problems, and a step on sampled rollouts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fsdp_train_worker import (
+    GLOBAL_PROBLEMS,
+    GRADIENT_CASES,
+    fixed_batch,
+    gradient_config,
+    steps_config,
+)
+from trainer_fixtures import FixedResponses, problems, small_config, small_model
+
+from opsd_kernels.trainer import OPSDTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).parent / "fsdp_train_worker.py"
+CONFIG = ROOT / "opsd_kernels" / "trainer" / "configs" / "fsdp2.yaml"
+RTOL = 1e-5
+pytestmark = pytest.mark.slow  # two processes under accelerate launch
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """Every case under FSDP2 with 2 processes; the folder of their results."""
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+         "--num_processes", "2", "--mixed_precision", "no",
+         "--main_process_port", str(29300 + os.getpid() % 1000), str(WORKER), str(out)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return out
+
+
+def _result(out: Path, case: str, rank: int = 0) -> dict:
+    result = torch.load(out / f"{case}-rank{rank}.pt", weights_only=False)
+    assert result["world"] == 2
+    return result
+
+
+def _close(actual, expected, what: str) -> None:
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    scale = max(expected.abs().max().item(), 1e-6)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=RTOL, atol=RTOL * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _close_all(actual: dict, expected: dict, what: str) -> None:
+    assert actual.keys() == expected.keys() and expected, what
+    for name, value in expected.items():
+        _close(actual[name], value, f"{what} {name}")
+
+
+def _trainable(trainer: OPSDTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+            if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_loss_and_gradients_match_one_process(sharded, tmp_path, case) -> None:
+    lora, tied, *options = GRADIENT_CASES[case]
+    result = _result(sharded, case)
+    # Sharded for real: each layer, the embeddings and the head are FSDP2 units.
+    assert {"FSDPDistillationObjective", "FSDPQwen3DecoderLayer", "FSDPLinear",
+            "FSDPEmbedding"} <= set(result["units"]), result["units"]
+    model, tokenizer = small_model(tie_word_embeddings=tied)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # LoRA's initial A, as in the worker
+        trainer = OPSDTrainer(model, tokenizer, problems(8), gradient_config(tmp_path, lora,
+                                                                               *options))
+    batch = fixed_batch(trainer, 0, GLOBAL_PROBLEMS)
+    loss, _ = trainer.objective(batch, torch.tensor(float(batch.num_tokens)))
+    loss.backward()
+    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
+    _close(result["loss"], loss, "loss")
+    _close_all(result["grads"], grads, "gradient of")
+    head = trainer.model.get_output_embeddings().weight
+    assert head.requires_grad != lora and any(g.abs().max() > 0 for g in grads.values())
+
+
+def _steps_reference(tmp_path: Path, **overrides) -> tuple[list[float], OPSDTrainer]:
+    model, tokenizer = small_model()
+    trainer = OPSDTrainer(model, tokenizer, problems(8), steps_config(tmp_path, 1, **overrides),
+                          rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
+    return [h["loss"] for h in trainer.train()], trainer
+
+
+def test_steps_with_the_ema_teacher_match_one_process(sharded, tmp_path) -> None:
+    ranks = [_result(sharded, "steps", r) for r in (0, 1)]
+    for name, value in ranks[0]["params"].items():  # the gathered weights agree exactly
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    losses, trainer = _steps_reference(tmp_path)
+    result = ranks[0]
+    _close(result["losses"], losses, "losses")
+    _close_all(result["params"], _trainable(trainer), "parameter")
+    expected_ema = dict(zip(_trainable(trainer), trainer.teacher.state_dict()["ema"],
+                            strict=True))
+    _close_all(dict(zip(result["params"], result["ema"], strict=True)), expected_ema, "EMA of")
+    moved = [n for n, p in small_model()[0].named_parameters()
+             if not torch.equal(p, result["params"][n])]
+    assert moved, "the steps changed no weight"
+
+
+def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> None:
+    from transformers import AutoModelForCausalLM
+
+    steps, resumed = _result(sharded, "steps"), _result(sharded, "resume")
+    first, second = resumed["losses"]
+    assert len(first) == 1 and len(second) == 1  # the second run started at step 1
+    _close(first + second, steps["losses"], "losses of the interrupted and resumed run")
+    _close_all(resumed["params"], steps["params"], "resumed parameter")
+    checkpoint = sharded / "resume" / "run" / "checkpoints" / "checkpoint_1"
+    assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").exists()  # the sharded state
+    final = AutoModelForCausalLM.from_pretrained(sharded / "resume" / "run" / "final")
+    _close_all({n: p for n, p in final.named_parameters()}, resumed["params"], "saved")
+
+
+def test_sampled_rollouts_and_greedy_evaluation(sharded, tmp_path) -> None:
+    ranks = [_result(sharded, "sampling", r) for r in (0, 1)]
+    assert ranks[0]["eval"] == ranks[1]["eval"] and ranks[0]["loss"] == ranks[1]["loss"]
+    assert torch.isfinite(torch.tensor(ranks[0]["loss"]))
+    model, tokenizer = small_model()
+    config = small_config(tmp_path, max_steps=1, lora=True, lora_rank=4, teacher_mode="fixed",
+                          problems_per_step=1, max_new_tokens=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # LoRA's initial A, as in the worker
+        trainer = OPSDTrainer(model, tokenizer, problems(8), config,
+                              eval_dataset=problems(3, seed=1))
+    assert ranks[0]["eval"] == trainer.evaluate()
