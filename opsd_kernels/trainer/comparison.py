@@ -57,8 +57,9 @@ def run_comparison(config: OPSDConfig, *, methods: list[str], seeds: list[int],
                            "seeds": seeds, "eval_every": eval_every, "eval_samples": eval_samples,
                            "runs": []}
     model, tokenizer = load_model_and_tokenizer(config)
+    runs_dir = Path(config.output_dir)  # each run's metrics.jsonl; the results go to ``out``
     first = OPSDTrainer(model, tokenizer, config.train_data, config.replace(
-        output_dir=str(out / "runs" / "start")), eval_dataset=config.eval_data)
+        output_dir=str(runs_dir / "start")), eval_dataset=config.eval_data)
     train, held_out = first.train_problems, first.eval_problems
     doc["start"] = _greedy(first)
     doc["teacher"] = _greedy(first, prompt="teacher")
@@ -71,7 +72,7 @@ def run_comparison(config: OPSDConfig, *, methods: list[str], seeds: list[int],
         for method in methods:
             run_config = config.replace(method=method, seed=seed, eval_steps=0, save_steps=0,
                                         resume=False, progress_bar=False,
-                                        output_dir=str(out / "runs" / f"{method}-{seed}"))
+                                        output_dir=str(runs_dir / f"{method}-{seed}"))
             model, tokenizer = load_model_and_tokenizer(run_config)
             trainer = OPSDTrainer(model, tokenizer, train, run_config, eval_dataset=held_out)
             if seed not in sampled_start:
