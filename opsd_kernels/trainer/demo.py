@@ -38,8 +38,12 @@ def run_demo(overrides: dict | None = None) -> dict[str, float]:
     from opsd_kernels.trainer.models import load_model_and_tokenizer
     from opsd_kernels.trainer.trainer import OPSDTrainer
 
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(min(os.cpu_count() or 1, 8))
+    if not torch.cuda.is_available():
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(min(os.cpu_count() or 1, 8))
+        # transformers' save imports DeepSpeed when installed, which then warns that it found
+        # no accelerator; on a CPU demo that is known, not news.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     path = resources.files("opsd_kernels.trainer") / "configs" / CONFIG
     config = OPSDConfig.from_yaml(str(path), {**DEMO, **overrides})
     started = time.perf_counter()
