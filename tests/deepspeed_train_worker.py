@@ -7,7 +7,7 @@ saw to ``<out>/<case>-rank<r>.pt``; the test compares them with one process. Und
 Cases: the loss and the whole gradients of one micro-batch (frozen / trainable head, tied /
 untied embeddings, shared prefixes on / off); two optimizer steps with the EMA teacher, two
 accumulated micro-batches and a clipping gradient norm; the same run stopped after one step and
-resumed; greedy evaluation and a step on sampled rollouts.
+resumed; three steps, the second on a NaN loss; greedy evaluation and a step on sampled rollouts.
 """
 
 from __future__ import annotations
@@ -79,6 +79,30 @@ def run_steps(out: Path, rank: int, world: int) -> dict:
             "params": trainable(trainer), "ema": trainer.teacher.state_dict()["ema"]}
 
 
+def poison_step(trainer: OPSDTrainer, module, step: int) -> None:
+    """The objective's loss becomes NaN on (1-based) step ``step``."""
+    forward = module.forward
+
+    def poisoned(batch, num_items, *targets):
+        loss, sums = forward(batch, num_items, *targets)
+        return (loss * float("nan") if trainer.step + 1 == step else loss), sums
+
+    module.forward = poisoned
+
+
+def run_nonfinite(out: Path, rank: int, world: int) -> dict:
+    """Three steps, the second on a NaN loss: DeepSpeed skips its update."""
+    model, tokenizer = small_model()
+    trainer = OPSDTrainer(model, tokenizer, problems(8),
+                          steps_config(out / "nonfinite", world, max_steps=3, device="auto"),
+                          rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
+    poison_step(trainer, trainer.objective.module, 2)  # inside the engine's forward
+    history = trainer.train()
+    return {"skipped": [h.get("skipped", 0) for h in history],
+            "losses": [h["loss"] for h in history], "params": trainable(trainer),
+            "ema": trainer.teacher.state_dict()["ema"]}
+
+
 def run_resume(out: Path, rank: int, world: int) -> dict:
     results = []
     for max_steps, resume in ((1, False), (2, True)):
@@ -125,6 +149,7 @@ def main(out_dir: str) -> None:
              "steps": lambda: run_steps(out, rank, world),
              "resume": lambda: run_resume(out, rank, world),
              "sampling": lambda: run_sampling(out, rank, world),
+             "nonfinite": lambda: run_nonfinite(out, rank, world),
              "refused": lambda: run_refused(out, rank, world)}
     chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else [c for c in cases if c != "refused"]
     for name in chosen:

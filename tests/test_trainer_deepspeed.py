@@ -10,6 +10,8 @@ compares (fp32, relative 1e-5).
   parameter (the same on both processes) and the EMA;
 - the same run stopped after one step and resumed from its DeepSpeed checkpoint: the next loss,
   the final weights and the final/ model rank 0 wrote;
+- three steps, the second on a NaN loss: DeepSpeed skips that update, the trainer reports it
+  and skips the scheduler and teacher; the weights equal one process's, which skips it itself;
 - greedy evaluation with one process holding fewer problems, and a step on sampled rollouts;
 - under configs/zero3.yaml, the trainer's refusal.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from deepspeed_train_worker import CLIP, GRADIENT_CASES
+from deepspeed_train_worker import CLIP, GRADIENT_CASES, poison_step
 from fsdp_train_worker import GLOBAL_PROBLEMS, fixed_batch, gradient_config, steps_config
 from test_trainer_fsdp import _close, _close_all, _trainable
 from trainer_fixtures import FixedResponses, problems, small_config, small_model
@@ -125,6 +127,22 @@ def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> No
     assert list(checkpoint.glob("pytorch_model/*optim_states.pt"))  # DeepSpeed's own state
     final = AutoModelForCausalLM.from_pretrained(sharded / "resume" / "run" / "final")
     _close_all({n: p for n, p in final.named_parameters()}, resumed["params"], "saved")
+
+
+def test_a_non_finite_step_is_skipped_as_in_one_process(sharded, tmp_path) -> None:
+    result = _result(sharded, "nonfinite")
+    model, tokenizer = small_model()
+    trainer = OPSDTrainer(model, tokenizer, problems(8), steps_config(tmp_path, 1, max_steps=3),
+                          rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
+    poison_step(trainer, trainer.objective, 2)
+    history = trainer.train()
+    assert result["skipped"] == [h.get("skipped", 0) for h in history] == [0, 1, 0]
+    losses = [h["loss"] for h in history]
+    _close([result["losses"][i] for i in (0, 2)], [losses[i] for i in (0, 2)], "finite losses")
+    assert all(torch.isfinite(p).all() for p in result["params"].values())
+    _close_all(result["params"], _trainable(trainer), "parameter")
+    _close_all(dict(enumerate(result["ema"])), dict(enumerate(trainer.teacher.state_dict()["ema"])),
+               "EMA")
 
 
 def test_sampled_rollouts_and_greedy_evaluation(sharded, tmp_path) -> None:
