@@ -1,7 +1,9 @@
 """`OPSDTrainer`: sample rollouts from the student, score them under the teacher prompt, step
 on the fused divergence. One process, or several through `accelerate.Accelerator`: DDP under
-torchrun, FSDP2 under ``accelerate launch`` with ``fsdp_version: 2`` (both tested with 2 CPU
-processes on gloo; `opsd_kernels.sharding` gathers the sharded lm_head for the loss)."""
+torchrun, FSDP2 under ``accelerate launch`` with ``fsdp_version: 2``, DeepSpeed ZeRO-2 with
+configs/zero2.yaml (`opsd_kernels.trainer.zero` drives the engine; ZeRO-3 is refused); all tested
+with 2 CPU processes on gloo; `opsd_kernels.sharding` gathers the sharded lm_head for the
+loss."""
 
 from __future__ import annotations
 
