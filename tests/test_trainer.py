@@ -316,15 +316,19 @@ def test_tensorboard_is_written_or_its_absence_explained(tmp_path) -> None:
 
 
 def test_sharded_setups_it_cannot_run_are_refused() -> None:
-    """FSDP1 and DeepSpeed (the trainer runs DDP and FSDP2: test_trainer_fsdp.py)."""
+    """FSDP1 and DeepSpeed ZeRO-3 (the trainer runs DDP, FSDP2 and ZeRO-2:
+    test_trainer_fsdp.py, test_trainer_deepspeed.py)."""
     from types import SimpleNamespace
 
+    from opsd_kernels.trainer import zero
     from opsd_kernels.trainer.trainer import _check_distributed
 
     fsdp1 = SimpleNamespace(distributed_type="FSDP",
                             state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
     with pytest.raises(ValueError, match="set fsdp_version: 2"):
         _check_distributed(fsdp1)
-    with pytest.raises(ValueError, match="DeepSpeed is not supported by OPSDTrainer"):
-        _check_distributed(SimpleNamespace(distributed_type="DEEPSPEED"))
+    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+        deepspeed_config={"zero_optimization": {"stage": 3}})))
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported by OPSDTrainer"):
+        zero.configure(zero3, None)
     _check_distributed(SimpleNamespace(distributed_type="MULTI_CPU"))

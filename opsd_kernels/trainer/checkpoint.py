@@ -10,7 +10,9 @@ Under FSDP accelerate saves and loads the sharded model and optimizer itself (th
 ``fsdp_state_dict_type``; SHARDED_STATE_DICT in the shipped configs: torch.distributed.checkpoint
 files written by every process), and resuming reads those; the Hugging Face copy is written
 besides, from the whole state dict gathered onto rank 0, for ``opsd eval`` and
-``from_pretrained``."""
+``from_pretrained``. Under DeepSpeed ZeRO-2 the engine's own checkpoint (its fp32 weights and
+partitioned optimizer state, one file per process) is saved and read the same way; every
+process holds the whole weights, so the Hugging Face copy needs no gathering."""
 
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def use_hugging_face_format(accelerator: Any, model: Callable[[], nn.Module],
         weights.clear()
 
     def load(models: list, input_dir: str) -> None:
-        if accelerator.distributed_type == "FSDP":
+        if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):  # loaded by accelerate
             return
         load_model_weights(model(), Path(input_dir))
         models.clear()

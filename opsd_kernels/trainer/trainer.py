@@ -1,7 +1,9 @@
 """`OPSDTrainer`: sample rollouts from the student, score them under the teacher prompt, step
 on the fused divergence. One process, or several through `accelerate.Accelerator`: DDP under
-torchrun, FSDP2 under ``accelerate launch`` with ``fsdp_version: 2`` (both tested with 2 CPU
-processes on gloo; `opsd_kernels.sharding` gathers the sharded lm_head for the loss)."""
+torchrun, FSDP2 under ``accelerate launch`` with ``fsdp_version: 2``, DeepSpeed ZeRO-2 with
+configs/zero2.yaml (`opsd_kernels.trainer.zero` drives the engine; ZeRO-3 is refused); all tested
+with 2 CPU processes on gloo; `opsd_kernels.sharding` gathers the sharded lm_head for the
+loss."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from opsd_kernels import sharding
-from opsd_kernels.trainer import checkpoint
+from opsd_kernels.trainer import checkpoint, zero
 from opsd_kernels.trainer.answers import correct_flags, group_advantages
 from opsd_kernels.trainer.config import OPSDConfig
 from opsd_kernels.trainer.data import Problem, load_data
@@ -72,6 +74,8 @@ class OPSDTrainer:
             project_config=checkpoint.project_configuration(self.output_dir,
                                                             config.save_total_limit))
         _check_distributed(self.accelerator)
+        if zero.is_deepspeed(self.accelerator):
+            zero.configure(self.accelerator, config)
         self.is_main = self.accelerator.is_main_process
         self.encoder = PromptEncoder(tokenizer, config)
         self.train_problems = self._encoded(train_dataset, "train")
@@ -255,12 +259,17 @@ class OPSDTrainer:
              float(sum(t.num_tokens for t in targets if t is not None))], device=device),
             reduction="sum").unbind()
         totals: dict[str, torch.Tensor] = {}
+        deepspeed = zero.is_deepspeed(acc)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.objective):
+            if deepspeed:  # the engine accumulates and reduces by its boundary flag
                 loss, sums = self.objective(batch, num_items, targets[i], num_target_items)
-                # DDP averages gradients over processes; num_items is already global.
-                acc.backward(loss * acc.num_processes)
+                zero.backward(acc, loss, last)
+            else:
+                with contextlib.nullcontext() if last else acc.no_sync(self.objective):
+                    loss, sums = self.objective(batch, num_items, targets[i], num_target_items)
+                    # DDP averages gradients over processes; num_items is already global.
+                    acc.backward(loss * acc.num_processes)
             sums["loss"] = loss.detach()
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0) + value.float()
@@ -272,19 +281,26 @@ class OPSDTrainer:
         keys = sorted(totals)
         reduced = dict(zip(keys, acc.reduce(torch.stack([totals[k] for k in keys]),
                                             reduction="sum").tolist(), strict=True))
-        # The norm is measured every step (an infinite limit clips nothing) to catch NaN / Inf.
-        limit = math.inf if c.max_grad_norm is None else c.max_grad_norm
-        grad_norm = float(acc.clip_grad_norm_(self.params, limit))
-        applied = self.nonfinite.allow(self.step + 1, reduced["loss"], grad_norm)
-        if applied:
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if deepspeed:  # the engine clips, steps and skips a non-finite norm's update itself
+            grad_norm, stepped = zero.step(acc)
+            applied = self.nonfinite.allow(self.step + 1, reduced["loss"], grad_norm)
+            if applied:
+                self.scheduler.step()
+        else:
+            # The norm is measured every step (an infinite limit clips nothing) to catch NaN/Inf.
+            limit = math.inf if c.max_grad_norm is None else c.max_grad_norm
+            grad_norm = float(acc.clip_grad_norm_(self.params, limit))
+            applied = stepped = self.nonfinite.allow(self.step + 1, reduced["loss"], grad_norm)
+            if applied:
+                self.optimizer.step()
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if applied:
             self.teacher.update()
         else:
+            done = "update applied by DeepSpeed" if stepped else "update skipped"
             self._print(f"step {self.step + 1}: loss {reduced['loss']}, grad norm {grad_norm}: "
-                        f"not finite, update skipped ({self.nonfinite.in_a_row} in a row; "
+                        f"not finite, {done} ({self.nonfinite.in_a_row} in a row; "
                         f"training stops at {self.config.max_nonfinite_steps})")
         self.step += 1
         elapsed = time.perf_counter() - started
@@ -343,17 +359,12 @@ class OPSDTrainer:
 
 
 def _check_distributed(accelerator: Any) -> None:
-    """Refuse the sharded setups the trainer cannot run (it runs DDP and FSDP2)."""
+    """Refuse the sharded setups the trainer cannot run (it runs DDP, FSDP2 and ZeRO-2; ZeRO-3
+    is refused by `zero.configure`)."""
     if accelerator.distributed_type == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ValueError("accelerate config: FSDP1 flattens each unit's parameters into one "
                          "buffer, where the fused loss cannot find the lm_head weight; set "
                          "fsdp_version: 2 (opsd_kernels/trainer/configs/fsdp2.yaml)")
-    if accelerator.distributed_type == "DEEPSPEED":
-        raise ValueError("accelerate config: DeepSpeed is not supported by OPSDTrainer "
-                         "(accelerate's backward takes DeepSpeed's optimizer step itself, before "
-                         "the trainer's accumulation boundary, gradient-norm check and skipping "
-                         "of non-finite steps); use FSDP2 (opsd_kernels/trainer/configs/"
-                         "fsdp2.yaml). The TRL integration runs under ZeRO-2 and ZeRO-3.")
 
 
 def _is_problems(dataset: Any) -> bool:

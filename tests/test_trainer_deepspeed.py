@@ -1,0 +1,166 @@
+"""The trainer under DeepSpeed ZeRO-2: two processes (gloo on CPU, tests/deepspeed_on_cpu.py)
+started by `accelerate launch` with the shipped configs/zero2.yaml run every case of
+tests/deepspeed_train_worker.py in one launch; this file computes the same in one process and
+compares (fp32, relative 1e-5).
+
+- one micro-batch's loss and the whole gradient of every trainable parameter, for a frozen head
+  (LoRA) and a trainable one, tied and untied embeddings, shared prefixes on and off;
+- two optimizer steps with the EMA teacher, two accumulated micro-batches and a clipping
+  max_grad_norm (DeepSpeed's accumulation, scaling and clipping): losses, gradient norms, every
+  parameter (the same on both processes) and the EMA;
+- the same run stopped after one step and resumed from its DeepSpeed checkpoint: the next loss,
+  the final weights and the final/ model rank 0 wrote;
+- three steps, the second on a NaN loss: DeepSpeed skips that update, the trainer reports it
+  and skips the scheduler and teacher; the weights equal one process's, which skips it itself;
+- greedy evaluation with one process holding fewer problems, and a step on sampled rollouts;
+- under configs/zero3.yaml, the trainer's refusal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed_train_worker import CLIP, GRADIENT_CASES, poison_step
+from fsdp_train_worker import GLOBAL_PROBLEMS, fixed_batch, gradient_config, steps_config
+from test_trainer_fsdp import _close, _close_all, _trainable
+from trainer_fixtures import FixedResponses, problems, small_config, small_model
+
+from opsd_kernels.trainer import OPSDTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).parent / "deepspeed_train_worker.py"
+CONFIGS = ROOT / "opsd_kernels" / "trainer" / "configs"
+pytestmark = [pytest.mark.slow,  # two processes under accelerate launch
+              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                 reason="deepspeed is not installed")]
+
+
+def _launch(config: str, out: Path, *cases: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    port = 29400 + os.getpid() % 500 + (10 if config == "zero3" else 0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch",
+         "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
+         "--mixed_precision", "no", "--main_process_port", str(port), str(WORKER), str(out),
+         *([",".join(cases)] if cases else [])],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """Every case under ZeRO-2 with 2 processes; the folder of their results."""
+    out = tmp_path_factory.mktemp("zero2")
+    _launch("zero2", out)
+    return out
+
+
+def _result(out: Path, case: str, rank: int = 0) -> dict:
+    result = torch.load(out / f"{case}-rank{rank}.pt", weights_only=False)
+    assert result["world"] == 2
+    return result
+
+
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_loss_and_gradients_match_one_process(sharded, tmp_path, case) -> None:
+    lora, tied, prefix = GRADIENT_CASES[case]
+    result = _result(sharded, case)
+    assert result["engine"] == "DeepSpeedEngine" and result["stage"] == 2
+    model, tokenizer = small_model(tie_word_embeddings=tied)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # LoRA's initial A, as in the worker
+        trainer = OPSDTrainer(model, tokenizer, problems(8),
+                              gradient_config(tmp_path, lora, prefix, False))
+    batch = fixed_batch(trainer, 0, GLOBAL_PROBLEMS)
+    loss, _ = trainer.objective(batch, torch.tensor(float(batch.num_tokens)))
+    loss.backward()
+    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
+    _close(result["loss"], loss, "loss")
+    _close_all(result["grads"], grads, "gradient of")
+    head = trainer.model.get_output_embeddings().weight
+    assert head.requires_grad != lora and any(g.abs().max() > 0 for g in grads.values())
+
+
+def _steps_reference(tmp_path: Path) -> tuple[list[dict], OPSDTrainer]:
+    model, tokenizer = small_model()
+    trainer = OPSDTrainer(model, tokenizer, problems(8),
+                          steps_config(tmp_path, 1, max_grad_norm=CLIP),
+                          rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
+    return trainer.train(), trainer
+
+
+def test_steps_with_the_ema_teacher_match_one_process(sharded, tmp_path) -> None:
+    ranks = [_result(sharded, "steps", r) for r in (0, 1)]
+    for name, value in ranks[0]["params"].items():  # every process holds the same weights
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    history, trainer = _steps_reference(tmp_path)
+    result = ranks[0]
+    _close(result["losses"], [h["loss"] for h in history], "losses")
+    norms = [h["grad_norm"] for h in history]
+    assert min(norms) > CLIP  # the clipping was exercised
+    _close(result["norms"], norms, "gradient norms")
+    _close_all(result["params"], _trainable(trainer), "parameter")
+    expected_ema = dict(zip(_trainable(trainer), trainer.teacher.state_dict()["ema"],
+                            strict=True))
+    _close_all(dict(zip(result["params"], result["ema"], strict=True)), expected_ema, "EMA of")
+    moved = [n for n, p in small_model()[0].named_parameters()
+             if not torch.equal(p, result["params"][n])]
+    assert moved, "the steps changed no weight"
+
+
+def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> None:
+    from transformers import AutoModelForCausalLM
+
+    steps, resumed = _result(sharded, "steps"), _result(sharded, "resume")
+    first, second = resumed["losses"]
+    assert len(first) == 1 and len(second) == 1  # the second run started at step 1
+    _close(first + second, steps["losses"], "losses of the interrupted and resumed run")
+    _close_all(resumed["params"], steps["params"], "resumed parameter")
+    _close_all(dict(enumerate(resumed["ema"])), dict(enumerate(steps["ema"])), "resumed EMA")
+    checkpoint = sharded / "resume" / "run" / "checkpoints" / "checkpoint_1"
+    assert list(checkpoint.glob("pytorch_model/*optim_states.pt"))  # DeepSpeed's own state
+    final = AutoModelForCausalLM.from_pretrained(sharded / "resume" / "run" / "final")
+    _close_all({n: p for n, p in final.named_parameters()}, resumed["params"], "saved")
+
+
+def test_a_non_finite_step_is_skipped_as_in_one_process(sharded, tmp_path) -> None:
+    result = _result(sharded, "nonfinite")
+    model, tokenizer = small_model()
+    trainer = OPSDTrainer(model, tokenizer, problems(8), steps_config(tmp_path, 1, max_steps=3),
+                          rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
+    poison_step(trainer, trainer.objective, 2)
+    history = trainer.train()
+    assert result["skipped"] == [h.get("skipped", 0) for h in history] == [0, 1, 0]
+    losses = [h["loss"] for h in history]
+    _close([result["losses"][i] for i in (0, 2)], [losses[i] for i in (0, 2)], "finite losses")
+    assert all(torch.isfinite(p).all() for p in result["params"].values())
+    _close_all(result["params"], _trainable(trainer), "parameter")
+    _close_all(dict(enumerate(result["ema"])), dict(enumerate(trainer.teacher.state_dict()["ema"])),
+               "EMA")
+
+
+def test_sampled_rollouts_and_greedy_evaluation(sharded, tmp_path) -> None:
+    ranks = [_result(sharded, "sampling", r) for r in (0, 1)]
+    assert ranks[0]["eval"] == ranks[1]["eval"] and ranks[0]["loss"] == ranks[1]["loss"]
+    assert torch.isfinite(torch.tensor(ranks[0]["loss"]))
+    model, tokenizer = small_model()
+    config = small_config(tmp_path, max_steps=1, lora=True, lora_rank=4, teacher_mode="fixed",
+                          problems_per_step=1, max_new_tokens=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # LoRA's initial A, as in the worker
+        trainer = OPSDTrainer(model, tokenizer, problems(8), config,
+                              eval_dataset=problems(3, seed=1))
+    assert ranks[0]["eval"] == trainer.evaluate()
+
+
+def test_zero3_is_refused(tmp_path) -> None:
+    _launch("zero3", tmp_path, "refused")
+    for rank in (0, 1):
+        error = _result(tmp_path, "refused", rank)["error"]
+        assert error and "ZeRO stage 3 is not supported by OPSDTrainer" in error, error
