@@ -108,11 +108,17 @@ def _steps_reference(tmp_path: Path, **overrides) -> tuple[list[float], OPSDTrai
 
 def test_steps_with_the_ema_teacher_match_one_process(sharded, tmp_path) -> None:
     ranks = [_result(sharded, "steps", r) for r in (0, 1)]
+    losses, trainer = _steps_reference(tmp_path)
+    _close(ranks[0]["losses"], losses, "losses")
+    assert_weights_match_one_process(ranks, trainer)
+
+
+def assert_weights_match_one_process(ranks: list[dict], trainer: OPSDTrainer) -> None:
+    """Both processes hold the same weights after the steps, equal to the one-process run's
+    (``trainer``), with the same EMA, and the steps changed some weight."""
     for name, value in ranks[0]["params"].items():  # the gathered weights agree exactly
         assert torch.equal(value, ranks[1]["params"][name]), name
-    losses, trainer = _steps_reference(tmp_path)
     result = ranks[0]
-    _close(result["losses"], losses, "losses")
     _close_all(result["params"], _trainable(trainer), "parameter")
     expected_ema = dict(zip(_trainable(trainer), trainer.teacher.state_dict()["ema"],
                             strict=True))
