@@ -108,6 +108,9 @@ def _config_parser(command: str) -> Any:
                             help="samples per problem of the sampled evaluation (default: 2)")
         parser.add_argument("--out", default="bench/results",
                             help="directory of the json / md / png (default: bench/results)")
+        parser.add_argument("--tag", default=None,
+                            help="added to the file names (<model>-<date>-<tag>-comparison.*), "
+                                 "e.g. for an ablation beside the main comparison")
     if command == "eval":
         parser.add_argument("--checkpoint", default=None,
                             help="a run's checkpoints/checkpoint_N or final directory "
@@ -235,7 +238,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> None:
         config = _config(flags["config"], values)
         run_comparison(config, methods=flags["methods"], seeds=flags["seeds"],
                        eval_every=flags["eval_every"], eval_samples=flags["eval_samples"],
-                       out=flags["out"])
+                       out=flags["out"], tag=flags["tag"])
     elif args.command == "bench":
         from opsd_kernels.compare import run_comparison
 

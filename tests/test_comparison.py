@@ -10,7 +10,7 @@ import pytest
 from trainer_fixtures import problems, small_config
 
 from opsd_kernels.cli import main
-from opsd_kernels.trainer.comparison import markdown, run_comparison, summary_rows
+from opsd_kernels.trainer.comparison import _write, markdown, run_comparison, summary_rows
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,23 @@ def test_results_are_written_as_json_markdown_and_png(compared) -> None:
     assert not (tmp / "results" / "runs").exists()  # the runs' own outputs stay in output_dir
     rows = {r["method"]: r for r in summary_rows(doc)}
     assert rows["sft"]["tokens"] == 0 and rows["opsd"]["tokens"] > 0
+
+
+def test_a_tag_goes_into_the_file_names(compared) -> None:
+    tmp, doc = compared
+    assert doc["tag"] is None
+    (tmp / "tagged").mkdir()
+    _write({**doc, "tag": "answer_only"}, tmp / "tagged")
+    stem = f"tiny-{doc['date']}-answer_only-comparison"
+    assert sorted(p.name for p in (tmp / "tagged").iterdir()) == [
+        f"{stem}.json", f"{stem}.md", f"{stem}.png"]
+
+
+def test_a_tag_that_cannot_name_a_file_is_refused(tmp_path) -> None:
+    config = small_config(tmp_path, train_data="x.jsonl", eval_data="x.jsonl")
+    with pytest.raises(ValueError, match="tag: 'a/b' must be letters"):
+        run_comparison(config, methods=["opsd"], seeds=[0], eval_every=1, eval_samples=1,
+                       out=Path(tmp_path), tag="a/b")
 
 
 @pytest.mark.parametrize("argv, message", [

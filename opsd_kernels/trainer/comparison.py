@@ -7,7 +7,7 @@ steps (greedy) and at its end (greedy, and sampled at the rollout temperature). 
 is not counted in a run's seconds. The greedy start is one number for every run (greedy decoding
 does not depend on the seed); the sampled start is measured once per seed.
 
-Writes ``<model>-<date>-comparison.json`` (shaped ``{"model", "commit", "runs": [{"method",
+Writes ``<model>-<date>[-<tag>]-comparison.json`` (shaped ``{"model", "commit", "runs": [{"method",
 "seed", "task", "start_accuracy", "final_accuracy", "generated_tokens", "optimizer_steps",
 "seconds", ...}]}``, greedy accuracies as fractions), a markdown table of mean and standard
 deviation per method, and a PNG of held-out accuracy against optimizer steps and against
@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -34,9 +35,11 @@ METHODS = ("opsd", "sft", "grpo")
 
 
 def run_comparison(config: OPSDConfig, *, methods: list[str], seeds: list[int],
-                   eval_every: int, eval_samples: int, out: str | Path) -> dict:
+                   eval_every: int, eval_samples: int, out: str | Path,
+                   tag: str | None = None) -> dict:
     """Train every (method, seed) from ``config`` (the same hyperparameters for every method)
-    and write the results into ``out``; returns the JSON document."""
+    and write the results into ``out``, named with ``tag`` when given (so an ablation's files
+    sit beside the main comparison's); returns the JSON document."""
     from opsd_kernels.trainer.models import load_model_and_tokenizer
     from opsd_kernels.trainer.trainer import OPSDTrainer
 
@@ -49,13 +52,15 @@ def run_comparison(config: OPSDConfig, *, methods: list[str], seeds: list[int],
         raise ValueError("config.train_data and config.eval_data: both required by opsd compare")
     if eval_every <= 0 or eval_samples <= 0:
         raise ValueError("eval_every and eval_samples: must be > 0")
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9_.]+", tag):
+        raise ValueError(f"tag: {tag!r} must be letters, digits, '_' or '.' (it names files)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     doc: dict[str, Any] = {"model": config.model, "commit": _commit(), "date": str(dt.date.today()),
                            "machine": _machine(), "config": asdict(config), "methods": methods,
                            "seeds": seeds, "eval_every": eval_every, "eval_samples": eval_samples,
-                           "runs": []}
+                           "tag": tag, "runs": []}
     model, tokenizer = load_model_and_tokenizer(config)
     runs_dir = Path(config.output_dir)  # each run's metrics.jsonl; the results go to ``out``
     first = OPSDTrainer(model, tokenizer, config.train_data, config.replace(
@@ -161,7 +166,8 @@ def _machine() -> str:
 
 def _stem(doc: dict) -> str:
     name = Path(str(doc["model"])).name.removesuffix(".gguf")
-    return f"{name}-{doc['date']}-comparison"
+    tag = f"-{doc['tag']}" if doc.get("tag") else ""
+    return f"{name}-{doc['date']}{tag}-comparison"
 
 
 def _write(doc: dict, out: Path) -> dict:
