@@ -74,7 +74,8 @@ def test_demo_on_smollm2_writes_its_summary(tmp_path, capsys) -> None:
           "--task_eval_problems", "2", "--max_new_tokens", "6", "--eval_max_new_tokens", "6",
           "--problems_per_step", "1", "--num_rollouts", "2"])
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert {"model", "before", "after", "teacher", "seconds"} <= set(summary)
+    assert {"model", "before", "after", "teacher", "seconds", "boxed_before", "boxed_after",
+            "unboxed_before", "unboxed_after"} <= set(summary)
     assert all(0.0 <= summary[k] <= 1.0 for k in ("before", "after", "teacher"))
     assert summary["model"] == "smollm2-135m" and summary["steps"] == 1
     out = capsys.readouterr().out

