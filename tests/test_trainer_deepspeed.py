@@ -16,8 +16,9 @@ both processes in lockstep.
 - three steps, the second on a NaN loss: DeepSpeed skips that update, the trainer reports it
   and skips the scheduler and teacher; the weights equal one process's, which skips it itself;
 - greedy evaluation with one process holding fewer problems and with one holding none, and a
-  step on sampled rollouts;
-- without a launch: the DeepSpeed settings refused with the EMA teacher under ZeRO-3.
+  step on sampled rollouts.
+
+The ZeRO-3 settings the EMA teacher refuses are tested without a launch (test_trainer.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,26 +162,3 @@ def test_sampled_rollouts_and_greedy_evaluation(sharded, tmp_path) -> None:
                               eval_dataset=problems(3, seed=1))
     assert ranks[0]["eval"] == trainer.evaluate()
     assert ranks[0]["eval_alone"] == trainer.evaluate(trainer.eval_problems[:1])
-
-
-def _zero3_plugin(**zero) -> SimpleNamespace:
-    """What `zero.configure` reads of a prepared accelerator, with a ZeRO-3 DeepSpeed config."""
-    config = {"zero_optimization": {"stage": 3, **zero}}
-    return SimpleNamespace(num_processes=2, gradient_accumulation_steps=1,
-                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
-                               deepspeed_config=config)))
-
-
-@pytest.mark.parametrize("setting", [{"zero_hpz_partition_size": 2},
-                                     {"zero_quantized_weights": True},
-                                     {"offload_param": {"device": "nvme"}}])
-def test_zero3_settings_the_ema_teacher_cannot_use_are_refused(tmp_path, setting) -> None:
-    from opsd_kernels.trainer import zero
-
-    config = steps_config(tmp_path, 1)  # teacher_mode "ema"
-    with pytest.raises(ValueError, match="teacher_mode: 'ema' under DeepSpeed ZeRO-3"):
-        zero.configure(_zero3_plugin(**setting), config)
-    for mode in ({"teacher_mode": "current"},  # they never write into the partitions
-                 {"teacher_mode": "fixed", "lora": True, "lora_rank": 4}):
-        zero.configure(_zero3_plugin(**setting), steps_config(tmp_path, 1, **mode))
-    zero.configure(_zero3_plugin(offload_param={"device": "cpu"}), config)
