@@ -19,6 +19,10 @@ module that owns it. The fused losses do: they stand in for the lm_head's forwar
   back) for the block; with grad it is refused, as a backward could not find it whole.
 - Anything else (one process, DDP, ZeRO-1/2): the parameter itself.
 
+The shard-local helpers (`local_shard`, `whole`, `shard_of`) give an EMA teacher the values each
+process stores: an FSDP2 DTensor's local tensor, or ZeRO-3's partition ``ds_tensor`` (a flat
+slice of the flattened parameter, zero-padded on the last process), which ZeRO gathers from.
+
 Everything here is a no-op without torch.distributed, and never imports deepspeed unless a
 parameter carries ZeRO-3's attributes.
 """
@@ -199,18 +203,26 @@ def run_as_forward(wrapper: nn.Module, inner: nn.Module, fn: Callable[[], _T]) -
 
 def local_shard(param: torch.Tensor) -> torch.Tensor:
     """The values of ``param`` this process stores, as a plain tensor that aliases them: the
-    local tensor of an FSDP2 DTensor, else the parameter's data. In-place changes to it are what
-    the next all-gather reads."""
+    local tensor of an FSDP2 DTensor, ZeRO-3's partition (``ds_tensor``: a flat slice of the
+    flattened parameter, zero-padded on the last process), else the parameter's data. In-place
+    changes to it are what the next all-gather reads."""
     if is_dtensor(param):
         return param.detach().to_local()
     if is_zero3(param):
-        raise NotImplementedError("local_shard: DeepSpeed ZeRO-3 partitions are not supported")
+        return param.ds_tensor.detach()
     return param.detach()
 
 
 def whole(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor whose shard on this process is ``local``, sharded like the parameter
-    ``like`` (a collective under FSDP2: every process calls it); ``local`` itself otherwise."""
+    ``like`` (a collective under FSDP2 and ZeRO-3: every process calls it); ``local`` itself
+    otherwise."""
+    if is_zero3(like):
+        group = like.ds_process_group
+        parts = [torch.empty_like(local)
+                 for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts)[: like.ds_numel].view(like.ds_shape)
     if not is_dtensor(like):
         return local
     from torch.distributed.tensor import DTensor
@@ -222,6 +234,11 @@ def whole(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This process's shard of the whole tensor ``full``, sharded like the parameter ``like``
     (no communication: every process holds ``full``); ``full`` itself otherwise."""
+    if is_zero3(like):
+        size = like.ds_tensor.numel()
+        start = torch.distributed.get_rank(like.ds_process_group) * size
+        flat = full.reshape(-1)[start: start + size]
+        return torch.nn.functional.pad(flat, (0, size - flat.numel())).to(like.ds_tensor.device)
     if not is_dtensor(like):
         return full
     from torch.distributed.tensor import distribute_tensor
@@ -261,13 +278,35 @@ def assign(params: list[nn.Parameter], where: list[tuple[nn.Module, str]],
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole state dict of an FSDP2-sharded ``model`` (torch.distributed.checkpoint's
-    get_model_state_dict), gathered by every process (a collective: each one must call it) onto
-    the CPU of rank 0 (the others get an empty dict); None when ``model`` holds no FSDP2 shards
-    (its own ``state_dict()`` is whole)."""
-    if not (fsdp_units(model) or any(is_dtensor(p) for p in model.parameters())):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The whole state dict of a sharded ``model``, gathered by every process (a collective:
+    each one must call it) onto the CPU of rank 0 (the others get an empty dict); None when
+    ``model`` is not sharded (its own ``state_dict()`` is whole). FSDP2: torch.distributed.
+    checkpoint's get_model_state_dict. ZeRO-3: each module's own parameters gathered in turn
+    (``deepspeed.zero.GatheredParameters``, read only), so no more than one module's weights are
+    whole at a time besides rank 0's CPU copy."""
+    if fsdp_units(model) or any(is_dtensor(p) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+    if not any(is_zero3(p) for p in model.parameters()):
+        return None
+    import deepspeed
+
+    main = torch.distributed.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        dot = f"{prefix}." if prefix else ""
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None,
+                                               enabled=bool(own)):
+            if main:
+                out.update({dot + n: p.detach().cpu().clone() for n, p in own})
+        if main:
+            skip = module._non_persistent_buffers_set
+            out.update({dot + n: b.detach().cpu().clone()
+                        for n, b in module.named_buffers(recurse=False) if n not in skip})
+    return out

@@ -1,13 +1,15 @@
-"""Run by test_trainer_deepspeed.py under ``accelerate launch --config_file
-opsd_kernels/trainer/configs/zero2.yaml --num_processes 2`` (gloo on CPU, tests/deepspeed_on_cpu):
-the trainer under DeepSpeed ZeRO-2, every case in one launch. Each case writes what every rank
-saw to ``<out>/<case>-rank<r>.pt``; the test compares them with one process. Under zero3.yaml the
-``refused`` case records the trainer's refusal.
+"""Run by test_trainer_deepspeed.py and test_trainer_zero3.py under ``accelerate launch
+--config_file opsd_kernels/trainer/configs/<zero2 | zero3>.yaml --num_processes 2`` (gloo on CPU,
+tests/deepspeed_on_cpu; under ZeRO-3 the tiny model's small weights are partitioned too): the
+trainer under DeepSpeed, every case in one launch (or those named). Each case writes what every
+rank saw to ``<out>/<case>-rank<r>.pt`` (whole weights, gathered under ZeRO-3); the tests compare
+them with one process.
 
 Cases: the loss and the whole gradients of one micro-batch (frozen / trainable head, tied /
-untied embeddings, shared prefixes on / off); two optimizer steps with the EMA teacher, two
-accumulated micro-batches and a clipping gradient norm; the same run stopped after one step and
-resumed; three steps, the second on a NaN loss; greedy evaluation and a step on sampled rollouts.
+untied embeddings, shared prefixes on / off; once with gradient checkpointing); two optimizer
+steps with the EMA teacher, two accumulated micro-batches and a clipping gradient norm; the same
+run stopped after one step and resumed; three steps, the second on a NaN loss; greedy
+evaluation (one process with fewer problems, one with none) and a step on sampled rollouts.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from trainer_fixtures import FixedResponses, problems, small_config, small_model
 
 from opsd_kernels.trainer import OPSDTrainer, zero  # noqa: E402
 
-# name -> (lora, tied embeddings, shared prefixes)
-GRADIENT_CASES = {"full-tied-prefix": (False, True, True),
-                  "full-untied-plain": (False, False, False),
-                  "lora-untied-prefix": (True, False, True)}
+# name -> (lora, tied embeddings, shared prefixes, gradient checkpointing)
+GRADIENT_CASES = {"full-tied-prefix": (False, True, True, False),
+                  "full-untied-plain": (False, False, False, False),
+                  "lora-untied-prefix": (True, False, True, False),
+                  "full-untied-prefix-checkpointed": (False, False, True, True)}
 CLIP = 0.2  # below the steps' gradient norms: DeepSpeed's clipping is exercised
 
 
@@ -44,18 +47,27 @@ def on_deepspeed(config):
     return config
 
 
+def whole(param: torch.nn.Parameter) -> torch.Tensor:
+    """A copy of the whole parameter (gathered from its ZeRO-3 partitions: a collective)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None,
+                                           enabled=hasattr(param, "ds_id")):
+        return param.detach().clone()
+
+
 def trainable(trainer: OPSDTrainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return {n: whole(p) for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
 def run_gradients(out: Path, name: str, rank: int, world: int) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
-    lora, tied, prefix = GRADIENT_CASES[name]
+    lora, tied, *options = GRADIENT_CASES[name]
     model, tokenizer = small_model(tie_word_embeddings=tied)
     torch.manual_seed(1)  # LoRA's initial A, drawn from the global generator
     trainer = OPSDTrainer(model, tokenizer, problems(8),
-                          on_deepspeed(gradient_config(out / name, lora, prefix, False)))
+                          on_deepspeed(gradient_config(out / name, lora, *options)))
     per_rank = GLOBAL_PROBLEMS // world
     everything = fixed_batch(trainer, 0, GLOBAL_PROBLEMS)
     batch = fixed_batch(trainer, rank * per_rank, per_rank)
@@ -65,8 +77,11 @@ def run_gradients(out: Path, name: str, rank: int, world: int) -> dict:
     dist.all_reduce(total)
     grads = {n: safe_get_full_grad(p).clone() for n, p in trainer.model.named_parameters()
              if p.requires_grad}
+    head = trainer.model.get_output_embeddings().weight
     return {"loss": total, "grads": grads, "engine": type(trainer.objective).__name__,
-            "stage": trainer.objective.zero_optimization_stage()}
+            "stage": trainer.objective.zero_optimization_stage(),
+            # ZeRO-3 keeps a partition of the head on each process
+            "head_partitioned": hasattr(head, "ds_id") and head.ds_tensor.numel() < head.ds_numel}
 
 
 def run_steps(out: Path, rank: int, world: int) -> dict:
@@ -117,7 +132,8 @@ def run_resume(out: Path, rank: int, world: int) -> dict:
 
 
 def run_sampling(out: Path, rank: int, world: int) -> dict:
-    """Greedy evaluation (3 problems: one process has fewer), then a step on sampled rollouts."""
+    """Greedy evaluation (3 problems: one process has fewer; 1 problem: one has none), then a
+    step on sampled rollouts."""
     model, tokenizer = small_model()
     config = small_config(out / "sampling", max_steps=1, lora=True, lora_rank=4,
                           teacher_mode="fixed", problems_per_step=1, max_new_tokens=8,
@@ -125,21 +141,14 @@ def run_sampling(out: Path, rank: int, world: int) -> dict:
     torch.manual_seed(1)
     trainer = OPSDTrainer(model, tokenizer, problems(8), config, eval_dataset=problems(3, seed=1))
     evaluation = trainer.evaluate()
+    alone = trainer.evaluate(trainer.eval_problems[:1])
     history = trainer.train()
-    return {"eval": evaluation, "loss": history[0]["loss"]}
-
-
-def run_refused(out: Path, rank: int, world: int) -> dict:
-    model, tokenizer = small_model()
-    try:
-        OPSDTrainer(model, tokenizer, problems(8), small_config(out / "refused", device="auto"))
-    except ValueError as error:
-        return {"error": str(error)}
-    return {"error": None}
+    return {"eval": evaluation, "eval_alone": alone, "loss": history[0]["loss"]}
 
 
 def main(out_dir: str) -> None:
     deepspeed_on_cpu.enable()
+    deepspeed_on_cpu.partition_small_weights()
     out = Path(out_dir)
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -149,9 +158,8 @@ def main(out_dir: str) -> None:
              "steps": lambda: run_steps(out, rank, world),
              "resume": lambda: run_resume(out, rank, world),
              "sampling": lambda: run_sampling(out, rank, world),
-             "nonfinite": lambda: run_nonfinite(out, rank, world),
-             "refused": lambda: run_refused(out, rank, world)}
-    chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else [c for c in cases if c != "refused"]
+             "nonfinite": lambda: run_nonfinite(out, rank, world)}
+    chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else list(cases)
     for name in chosen:
         result = cases[name]()
         torch.save({"world": world, **result}, out / f"{name}-rank{rank}.pt")

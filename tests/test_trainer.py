@@ -316,19 +316,40 @@ def test_tensorboard_is_written_or_its_absence_explained(tmp_path) -> None:
 
 
 def test_sharded_setups_it_cannot_run_are_refused() -> None:
-    """FSDP1 and DeepSpeed ZeRO-3 (the trainer runs DDP, FSDP2 and ZeRO-2:
-    test_trainer_fsdp.py, test_trainer_deepspeed.py)."""
+    """FSDP1 (the trainer runs DDP, FSDP2, ZeRO-2 and ZeRO-3: test_trainer_fsdp.py,
+    test_trainer_deepspeed.py)."""
     from types import SimpleNamespace
 
-    from opsd_kernels.trainer import zero
     from opsd_kernels.trainer.trainer import _check_distributed
 
     fsdp1 = SimpleNamespace(distributed_type="FSDP",
                             state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
     with pytest.raises(ValueError, match="set fsdp_version: 2"):
         _check_distributed(fsdp1)
-    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
-        deepspeed_config={"zero_optimization": {"stage": 3}})))
-    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported by OPSDTrainer"):
-        zero.configure(zero3, None)
     _check_distributed(SimpleNamespace(distributed_type="MULTI_CPU"))
+
+
+def _zero3_accelerator(**zero):
+    """What `zero.configure` reads of an accelerator whose DeepSpeed config is ZeRO-3."""
+    from types import SimpleNamespace
+
+    config = {"zero_optimization": {"stage": 3, **zero}}
+    return SimpleNamespace(num_processes=2, gradient_accumulation_steps=1,
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+                               deepspeed_config=config)))
+
+
+@pytest.mark.parametrize("setting", [{"zero_hpz_partition_size": 2},
+                                     {"zero_quantized_weights": True},
+                                     {"offload_param": {"device": "nvme"}}])
+def test_zero3_settings_the_ema_teacher_cannot_use_are_refused(tmp_path, setting) -> None:
+    """They make ZeRO-3 gather from somewhere other than the partitions the EMA is written to."""
+    from opsd_kernels.trainer import zero
+
+    with pytest.raises(ValueError, match="teacher_mode: 'ema' under DeepSpeed ZeRO-3"):
+        zero.configure(_zero3_accelerator(**setting), small_config(tmp_path, teacher_mode="ema"))
+    for mode in ({"teacher_mode": "current"},  # they never write into the partitions
+                 {"teacher_mode": "fixed", "lora": True, "lora_rank": 4}):
+        zero.configure(_zero3_accelerator(**setting), small_config(tmp_path, **mode))
+    zero.configure(_zero3_accelerator(offload_param={"device": "cpu"}),
+                   small_config(tmp_path, teacher_mode="ema"))

@@ -10,9 +10,10 @@ Under FSDP accelerate saves and loads the sharded model and optimizer itself (th
 ``fsdp_state_dict_type``; SHARDED_STATE_DICT in the shipped configs: torch.distributed.checkpoint
 files written by every process), and resuming reads those; the Hugging Face copy is written
 besides, from the whole state dict gathered onto rank 0, for ``opsd eval`` and
-``from_pretrained``. Under DeepSpeed ZeRO-2 the engine's own checkpoint (its fp32 weights and
-partitioned optimizer state, one file per process) is saved and read the same way; every
-process holds the whole weights, so the Hugging Face copy needs no gathering."""
+``from_pretrained``. Under DeepSpeed the engine's own checkpoint (ZeRO-2: its fp32 weights and
+partitioned optimizer state; ZeRO-3: each process's partitions of both; files per process) is
+saved and read the same way; under ZeRO-2 every process holds the whole weights, so the Hugging
+Face copy needs no gathering, under ZeRO-3 it is gathered onto rank 0 like FSDP2's."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
 def save_model(model: nn.Module, tokenizer: Any, directory: Path, write: bool = True) -> None:
-    """Hugging Face format: the full model, or the adapter of a peft model. An FSDP2-sharded
-    model is gathered first, which every process must join; only those with ``write`` write."""
+    """Hugging Face format: the full model, or the adapter of a peft model. A model sharded by
+    FSDP2 or ZeRO-3 is gathered first, which every process must join; only those with ``write``
+    write."""
     whole = sharding.full_state_dict(model)  # None: model.state_dict() is whole already
     if not write:
         return

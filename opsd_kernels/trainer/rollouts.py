@@ -1,6 +1,7 @@
 """Rollouts: responses sampled from the student. `RolloutEngine` is the seam where another
 engine (vLLM, SGLang) plugs in; `HFGenerateEngine` uses transformers' `generate`, and
-`InForwardEngine` runs an engine inside the forward of an FSDP2 root."""
+`InForwardEngine` runs an engine inside the forward of an FSDP2 root or a DeepSpeed ZeRO-3
+engine."""
 
 from __future__ import annotations
 
@@ -123,14 +124,19 @@ class HFGenerateEngine:
 
 class InForwardEngine:
     """``engine``'s generate run as the forward of ``root``, an FSDP2 root module that contains
-    the model: the root gathers its own parameters there and the units inside it gather theirs
-    as it expects (a unit whose forward runs first outside the root's would take itself for the
-    root). Every process takes part in each all-gather, so all run the same number of prompts:
-    those with fewer add copies of a prompt and drop their responses."""
+    the model (or, with ``inner``, as the forward of ``inner`` called by the wrapper ``root``: a
+    DeepSpeed ZeRO-3 engine and the module it holds). The root gathers its own parameters there
+    and the units inside it gather theirs as it expects (a unit whose forward runs first outside
+    the root's would take itself for the root); under ZeRO-3 each module's hooks gather its
+    partitions, and a weight read outside a module's forward is gathered as an external parameter
+    of the running one. Every process takes part in each all-gather, so all run the same number
+    of prompts: those with fewer add copies of a prompt and drop their responses."""
 
-    def __init__(self, engine: RolloutEngine, root: nn.Module) -> None:
+    def __init__(self, engine: RolloutEngine, root: nn.Module,
+                 inner: nn.Module | None = None) -> None:
         self.engine = engine
         self.root = root
+        self.inner = root if inner is None else inner
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams) -> list[list[int]]:
@@ -143,7 +149,7 @@ class InForwardEngine:
             return []
         filler = list(prompts[0]) if prompts else [0, 0]
         padded = [*prompts, *([filler] * extra)]
-        out = sharding.run_as_forward(self.root, self.root,
+        out = sharding.run_as_forward(self.root, self.inner,
                                       lambda: self.engine.generate(padded, params))
         return out[: len(prompts) * params.num_samples]
 

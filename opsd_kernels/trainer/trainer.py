@@ -1,9 +1,11 @@
 """`OPSDTrainer`: sample rollouts from the student, score them under the teacher prompt, step
 on the fused divergence. One process, or several through `accelerate.Accelerator`: DDP under
-torchrun, FSDP2 under ``accelerate launch`` with ``fsdp_version: 2``, DeepSpeed ZeRO-2 with
-configs/zero2.yaml (`opsd_kernels.trainer.zero` drives the engine; ZeRO-3 is refused); all tested
-with 2 CPU processes on gloo; `opsd_kernels.sharding` gathers the sharded lm_head for the
-loss."""
+torchrun, FSDP2 under ``accelerate launch`` with ``fsdp_version: 2``, DeepSpeed ZeRO-2 and ZeRO-3
+with configs/zero2.yaml and zero3.yaml (`opsd_kernels.trainer.zero` drives the engine); all
+tested with 2 CPU processes on gloo. `opsd_kernels.sharding` gathers the sharded lm_head for the
+loss; under FSDP2 and ZeRO-3 rollouts and evaluation run inside the root's / engine's forward on
+every process at once (`InForwardEngine`), the EMA teacher lives in each process's shards, and
+the Hugging Face copies are gathered onto rank 0."""
 
 from __future__ import annotations
 
@@ -100,11 +102,16 @@ class OPSDTrainer:
             self.objective, self.optimizer, self.scheduler)
         # FSDP2's preparation replaces each parameter by its shard: take them again.
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.teacher.reread_parameters()
+        zero3 = zero.is_zero3(self.accelerator)
+        self.teacher.reread_parameters(
+            (lambda: zero.release_gathered(self.accelerator)) if zero3 else None)
         self.engine = rollout_engine or HFGenerateEngine(model, pad, tokenizer.eos_token_id,
                                                           share_prompts=True)
         if sharding.is_fsdp_unit(self.objective):  # FSDP2: generate inside the root's forward
             self.engine = InForwardEngine(self.engine, self.objective)
+        elif zero3:  # inside the engine's forward, whose hooks gather the partitions
+            self.engine = InForwardEngine(self.engine, self.objective,
+                                          self.accelerator.unwrap_model(self.objective))
         self.progress = checkpoint.Progress()
         self._checkpointed = (self.progress, self.teacher)
         self.accelerator.register_for_checkpointing(*self._checkpointed)
@@ -359,8 +366,8 @@ class OPSDTrainer:
 
 
 def _check_distributed(accelerator: Any) -> None:
-    """Refuse the sharded setups the trainer cannot run (it runs DDP, FSDP2 and ZeRO-2; ZeRO-3
-    is refused by `zero.configure`)."""
+    """Refuse the sharded setups the trainer cannot run (it runs DDP, FSDP2, ZeRO-2 and ZeRO-3;
+    `zero.configure` checks the DeepSpeed config)."""
     if accelerator.distributed_type == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ValueError("accelerate config: FSDP1 flattens each unit's parameters into one "
                          "buffer, where the fused loss cannot find the lm_head weight; set "

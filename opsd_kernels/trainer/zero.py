@@ -1,4 +1,5 @@
-"""The trainer under DeepSpeed ZeRO-2 (``accelerate launch`` with configs/zero2.yaml).
+"""The trainer under DeepSpeed ZeRO-2 and ZeRO-3 (``accelerate launch`` with configs/zero2.yaml or
+zero3.yaml).
 
 accelerate's ``backward`` under DeepSpeed calls the engine's backward and, at the accumulation
 boundary, its step (clipping by the config's ``gradient_clipping``, optimizer step, zero_grad);
@@ -17,8 +18,20 @@ as skipped (no scheduler or teacher update) and stops after ``max_nonfinite_step
 non-finite loss whose gradients are finite is not caught by DeepSpeed: it is stepped, then
 counted, and stops training the same way.
 
-ZeRO-3 is refused: it partitions every weight, and the trainer's rollouts, shared prefixes, EMA
-teacher and final save read weights outside the engine's forward (FSDP2 runs all of them)."""
+ZeRO-3 partitions every weight; a module's hooks gather its weights for its forward and again
+for its backward, and a weight read elsewhere during the engine's forward (the lm_head by the
+fused loss) is gathered as an external parameter of the running module, its gradient reduced
+into the partitions like any other. So everything that reads weights runs inside the engine's
+forward on every process at once: the loss (the objective is the engine's module), rollouts and
+evaluation (`rollouts.InForwardEngine`, transformers' ``synced_gpus``), the shared-prefix passes
+(module forwards like any other). The EMA teacher keeps the EMA of each process's partitions and
+copies it into them for the teacher's passes (`teacher.Teacher`), after `release_gathered` has
+partitioned every weight ZeRO holds gathered (prefetched, kept for reuse, persistent), and again
+before the student's weights go back: so it refuses the settings under which ZeRO gathers from
+somewhere else (hpZ's secondary partitions, quantized weights, parameters offloaded to NVMe).
+Checkpoints are DeepSpeed's own (each process's partitions of the weights and optimizer state);
+the Hugging Face copies (`checkpoint.save_model`) gather each module's weights in turn onto rank
+0 (`sharding.full_state_dict`)."""
 
 from __future__ import annotations
 
@@ -32,18 +45,23 @@ def is_deepspeed(accelerator: Any) -> bool:
     return accelerator.distributed_type == "DEEPSPEED"
 
 
+def is_zero3(accelerator: Any) -> bool:
+    """Whether the accelerator runs DeepSpeed ZeRO-3 (every weight partitioned)."""
+    return is_deepspeed(accelerator) and _zero(accelerator).get("stage") == 3
+
+
+def _zero(accelerator: Any) -> dict:
+    return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+
+
 def configure(accelerator: Any, config: OPSDConfig) -> None:
-    """Refuse ZeRO-3; give DeepSpeed the trainer's accumulation steps, clipping and a micro-batch
-    size (for its throughput bookkeeping only: the trainer feeds the engine its own batches)."""
-    plugin = accelerator.state.deepspeed_plugin
-    ds = plugin.deepspeed_config
-    stage = ds.get("zero_optimization", {}).get("stage")
-    if stage not in (0, 1, 2):
-        raise ValueError(
-            f"accelerate config: DeepSpeed ZeRO stage {stage} is not supported by OPSDTrainer "
-            "(ZeRO-3 partitions every weight, and the rollouts, shared prefixes, EMA teacher and "
-            "final save read weights outside the engine's forward); use ZeRO-2 "
-            "(opsd_kernels/trainer/configs/zero2.yaml) or FSDP2 (configs/fsdp2.yaml)")
+    """Refuse the ZeRO-3 settings the EMA teacher cannot use; give DeepSpeed the trainer's
+    accumulation steps, clipping and a micro-batch size (for its throughput bookkeeping only: the
+    trainer feeds the engine its own batches)."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3 and config.teacher_mode == "ema":
+        _check_ema_partitions(zero)
     ds["gradient_accumulation_steps"] = config.gradient_accumulation_steps
     ds["gradient_clipping"] = 0.0 if config.max_grad_norm is None else config.max_grad_norm
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
@@ -52,6 +70,30 @@ def configure(accelerator: Any, config: OPSDConfig) -> None:
                               * config.gradient_accumulation_steps * accelerator.num_processes)
     # accelerate takes DeepSpeed's value with a warning when its own differs.
     accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+
+
+def _check_ema_partitions(zero: dict) -> None:
+    """The EMA teacher writes its values into each weight's partition (``ds_tensor``), which
+    ZeRO-3 gathers from. Refuse the settings under which a gather reads something else: hpZ's
+    secondary partitions, quantized partitions, partitions swapped out to NVMe."""
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    offload = (zero.get("offload_param") or {}).get("device", "none")
+    found = [f"zero_hpz_partition_size {hpz}" if hpz not in (1, None, "auto") else "",
+             "zero_quantized_weights" if zero.get("zero_quantized_weights") else "",
+             "offload_param to nvme" if str(offload) == "nvme" else ""]
+    if any(found):
+        raise ValueError(
+            "teacher_mode: 'ema' under DeepSpeed ZeRO-3 writes the EMA into each weight's "
+            f"partition, which {', '.join(f for f in found if f)} would bypass; turn that off or "
+            "use teacher_mode 'fixed' or 'current'")
+
+
+def release_gathered(accelerator: Any) -> None:
+    """Partition again every ZeRO-3 weight gathered now (prefetched, kept for reuse,
+    persistent, or an external parameter of the running forward), waiting for gathers in
+    flight: the next use of each gathers it from its partition. ZeRO-3's own
+    ``empty_partition_cache`` (the engine's also empties the device cache); no communication."""
+    accelerator.deepspeed_engine_wrapped.engine.optimizer.empty_partition_cache()
 
 
 def backward(accelerator: Any, loss: Any, last: bool) -> None:
