@@ -135,6 +135,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if dropout:
         raise NotImplementedError("the shared-prefix forward has no attention dropout; set "
                                   "config.attention_dropout = 0.0 or call model.eval()")
+    query, key, value = _autocast_inputs(query, key, value)
     layer = module.layer_idx
     # Only the first run of a layer records: a checkpoint recompute must not rebind the state.
     if call.keys is not None and call.keys[layer] is None:
@@ -146,10 +147,22 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              enable_gqa=query.shape[1] != key.shape[1])
     else:
-        out = _attention_op()(query, key, value, call.prefix.keys[layer],
-                              call.prefix.values[layer], call.group_index, call.prefix.lengths,
+        out = _attention_op()(query, key, value,
+                              *_autocast_inputs(call.prefix.keys[layer], call.prefix.values[layer]),
+                              call.group_index, call.prefix.lengths,
                               call.suffix_lengths, scale=scaling)
     return out.transpose(1, 2), None
+
+
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the tensors in its dtype, as autocast gives sdpa (one of its
+    lower-precision ops): Qwen3's q / k norms return fp32 queries and keys beside bf16 values,
+    which the shared-prefix op would refuse. Outside autocast, unchanged."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 @functools.cache

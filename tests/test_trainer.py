@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from trainer_fixtures import problems, small_config, small_model
+from trainer_fixtures import mixed_precision, problems, small_config, small_model
 
 from opsd_kernels.trainer import OPSDConfig, OPSDTrainer, SamplingParams
 from opsd_kernels.trainer.objective import RolloutBatch
@@ -48,6 +48,27 @@ def test_loss_on_a_fixed_batch_goes_down(tmp_path, mode, shared_prefix) -> None:
     assert len(history) == 5 and all(h["loss"] >= 0 for h in history)
     # A fixed teacher is the hardest target (rank-4 adapters chase it): about 0.75x here.
     assert after < 0.8 * before, (before, after)
+
+
+def test_shared_prefixes_under_bf16_autocast_match_the_plain_pass(tmp_path) -> None:
+    """accelerate's bf16 on one process is autocast, under which Qwen3's q / k norms hand the
+    attention fp32 queries and keys beside bf16 values: the shared-prefix pass computes them in
+    bf16, as autocast does for sdpa, and agrees with the plain pass to bf16's precision."""
+    results = {}
+    with mixed_precision("bf16"):
+        for shared in (True, False):
+            trainer = _trainer(tmp_path / str(shared), problems(2), shared_prefix=shared)
+            assert trainer.accelerator.native_amp
+            torch.manual_seed(123)
+            batch = trainer._rollouts(trainer.train_problems)
+            loss, _ = trainer.objective(batch, torch.tensor(float(batch.num_tokens)))
+            loss.backward()
+            head = trainer.model.get_output_embeddings().weight.grad
+            results[shared] = loss.detach(), head
+    (loss, grad), (plain_loss, plain_grad) = results[True], results[False]
+    # bf16 keeps 8 significant bits (unit roundoff 2^-8): a few roundings apart at most.
+    torch.testing.assert_close(loss, plain_loss, rtol=4 * 2**-8, atol=0)
+    assert (grad - plain_grad).norm() <= 4 * 2**-8 * plain_grad.norm()
 
 
 def test_sft_loss_goes_down_and_trains_on_teacher_prompts_when_asked(tmp_path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import zlib
+from collections.abc import Iterator
 
 import torch
 
@@ -63,3 +66,23 @@ class FixedResponses:
                 body = [rng.randrange(3, self.vocab) for _ in range(rng.randint(1, 9))]
                 out.append(body + [self.eos] if rng.random() < 0.5 else body)
         return out
+
+
+@contextlib.contextmanager
+def mixed_precision(mode: str) -> Iterator[None]:
+    """Accelerators built inside run under ``mode`` ("bf16": autocast on CPU), as under
+    ``accelerate launch --mixed_precision``. accelerate keeps its state across Accelerators, so
+    it is reset on the way in and out."""
+    from accelerate.state import AcceleratorState
+
+    saved = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = mode
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if saved is None:
+            del os.environ["ACCELERATE_MIXED_PRECISION"]
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = saved
