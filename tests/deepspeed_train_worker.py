@@ -91,7 +91,9 @@ def run_steps(out: Path, rank: int, world: int) -> dict:
                           rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
     history = trainer.train()
     return {"losses": [h["loss"] for h in history], "norms": [h["grad_norm"] for h in history],
-            "params": trainable(trainer), "ema": trainer.teacher.state_dict()["ema"]}
+            "params": trainable(trainer), "ema": trainer.teacher.state_dict()["ema"],
+            "bf16": trainer.objective.bfloat16_enabled(),  # the engine's weights are bf16
+            "param_dtype": next(trainer.objective.module.parameters()).dtype}
 
 
 def poison_step(trainer: OPSDTrainer, module, step: int) -> None:

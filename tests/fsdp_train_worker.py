@@ -96,8 +96,10 @@ def run_steps(out: Path, rank: int, world: int) -> dict:
     trainer = OPSDTrainer(model, tokenizer, problems(8), steps_config(out / "steps", world),
                           rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
     history = trainer.train()
+    policy = trainer.objective._get_fsdp_state()._mp_policy  # what fully_shard was given
     return {"losses": [h["loss"] for h in history], "params": trainable(trainer),
-            "ema": trainer.teacher.state_dict()["ema"]}
+            "ema": trainer.teacher.state_dict()["ema"], "param_dtype": policy.param_dtype,
+            "reduce_dtype": policy.reduce_dtype}
 
 
 def run_resume(out: Path, rank: int, world: int) -> dict:

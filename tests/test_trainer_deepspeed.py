@@ -33,7 +33,13 @@ import pytest
 import torch
 from deepspeed_train_worker import CLIP, GRADIENT_CASES, poison_step
 from fsdp_train_worker import GLOBAL_PROBLEMS, fixed_batch, gradient_config, steps_config
-from test_trainer_fsdp import _close, _close_all, _trainable, assert_weights_match_one_process
+from test_trainer_fsdp import (
+    _close,
+    _close_all,
+    _trainable,
+    assert_bf16_matches_one_process,
+    assert_weights_match_one_process,
+)
 from trainer_fixtures import FixedResponses, problems, small_config, small_model
 
 from opsd_kernels.trainer import OPSDTrainer
@@ -46,13 +52,13 @@ pytestmark = [pytest.mark.slow,  # two processes under accelerate launch
                                  reason="deepspeed is not installed")]
 
 
-def _launch(config: str, out: Path, *cases: str) -> None:
+def _launch(config: str, out: Path, *cases: str, precision: str = "no") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     port = 29400 + os.getpid() % 500 + (10 if config == "zero3" else 0)
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch",
          "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-         "--mixed_precision", "no", "--main_process_port", str(port), str(WORKER), str(out),
+         "--mixed_precision", precision, "--main_process_port", str(port), str(WORKER), str(out),
          *([",".join(cases)] if cases else [])],
         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -63,6 +69,14 @@ def sharded(request, tmp_path_factory) -> Path:
     """Every case under the config with 2 processes; the folder of their results."""
     out = tmp_path_factory.mktemp(request.param)
     _launch(request.param, out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["zero2", "zero3"])
+def sharded_bf16(request, tmp_path_factory) -> Path:
+    """The steps case under the config's bf16 section (``--mixed_precision bf16``)."""
+    out = tmp_path_factory.mktemp(f"{request.param}-bf16")
+    _launch(request.param, out, "steps", precision="bf16")
     return out
 
 
@@ -115,6 +129,18 @@ def test_steps_with_the_ema_teacher_match_one_process(sharded, tmp_path) -> None
     assert min(norms) > CLIP  # the clipping was exercised
     _close(result["norms"], norms, "gradient norms")
     assert_weights_match_one_process(ranks, trainer)
+
+
+def test_bf16_steps_match_one_process_to_bf16_precision(sharded_bf16, tmp_path) -> None:
+    ranks = [_result(sharded_bf16, "steps", r) for r in (0, 1)]
+    # DeepSpeed's bf16: the engine computes on bf16 weights, its optimizer keeps fp32 masters
+    assert ranks[0]["bf16"] and ranks[0]["param_dtype"] == torch.bfloat16
+
+    def reference(path: Path) -> tuple[list[float], OPSDTrainer]:
+        history, trainer = _steps_reference(path)
+        return [h["loss"] for h in history], trainer
+
+    assert_bf16_matches_one_process(ranks, reference, tmp_path)
 
 
 def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> None:

@@ -28,7 +28,13 @@ from fsdp_train_worker import (
     gradient_config,
     steps_config,
 )
-from trainer_fixtures import FixedResponses, problems, small_config, small_model
+from trainer_fixtures import (
+    FixedResponses,
+    mixed_precision,
+    problems,
+    small_config,
+    small_model,
+)
 
 from opsd_kernels.trainer import OPSDTrainer
 
@@ -39,17 +45,30 @@ RTOL = 1e-5
 pytestmark = pytest.mark.slow  # two processes under accelerate launch
 
 
+def _launch(out: Path, precision: str = "no", *cases: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+         "--num_processes", "2", "--mixed_precision", precision,
+         "--main_process_port", str(29300 + os.getpid() % 1000), str(WORKER), str(out),
+         *([",".join(cases)] if cases else [])],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
     """Every case under FSDP2 with 2 processes; the folder of their results."""
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-         "--num_processes", "2", "--mixed_precision", "no",
-         "--main_process_port", str(29300 + os.getpid() % 1000), str(WORKER), str(out)],
-        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    _launch(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_bf16(tmp_path_factory) -> Path:
+    """The steps case under ``--mixed_precision bf16`` (FSDP2's MixedPrecisionPolicy)."""
+    out = tmp_path_factory.mktemp("fsdp-bf16")
+    _launch(out, "bf16", "steps")
     return out
 
 
@@ -126,6 +145,60 @@ def assert_weights_match_one_process(ranks: list[dict], trainer: OPSDTrainer) ->
     moved = [n for n, p in small_model()[0].named_parameters()
              if not torch.equal(p, result["params"][n])]
     assert moved, "the steps changed no weight"
+
+
+BF16_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
+BF16_FACTOR = 3
+
+
+def test_bf16_steps_match_one_process_to_bf16_precision(sharded_bf16, tmp_path) -> None:
+    ranks = [_result(sharded_bf16, "steps", r) for r in (0, 1)]
+    # accelerate's bf16 under FSDP2: bf16 weights gathered, gradients reduce-scattered in bf16
+    assert ranks[0]["param_dtype"] == ranks[0]["reduce_dtype"] == torch.bfloat16
+    assert_bf16_matches_one_process(ranks, _steps_reference, tmp_path)
+
+
+def assert_bf16_matches_one_process(ranks: list[dict], reference, tmp_path: Path,
+                                    learning_rate: float = 1e-2) -> None:
+    """The sharded bf16 steps (``ranks``) err from the one-process fp32 run by as much as the
+    one-process bf16 run (accelerate's bf16 there: autocast) does: ``reference(path)`` gives a
+    run's losses and trainer.
+
+    Tolerance: bf16 rounds to u = 2^-8 relative. The first loss (no update yet) is one bf16
+    forward: within 4u of fp32's. After that the error is not a rounding: Adam's first update
+    is lr * g / |g| per weight, so where bf16 rounding flips a small gradient's sign a weight
+    moves 2 * lr the other way; after two steps single weights of either bf16 run sit up to ~4
+    * lr from fp32's (0.04 here, in both), so weights are compared by the RMS of their
+    difference over all trainable elements (and the losses and EMA likewise). The sharded run
+    rounds elsewhere than the one-process one (its weights are bf16 copies, its reductions
+    bf16, where autocast keeps fp32 weights and sums), so it is held to the same order: its
+    RMS error within a factor BF16_FACTOR of the one-process bf16 error, either way (the lower
+    bound shows bf16 took effect; fp32 runs agree to 1e-5), plus u * lr (one rounding of one
+    update) in absolute terms."""
+    for name, value in ranks[0]["params"].items():  # the gathered weights agree exactly
+        assert torch.equal(value, ranks[1]["params"][name]), name
+
+    def flat(losses, params, ema) -> list[torch.Tensor]:
+        return [torch.tensor(losses, dtype=torch.float64),
+                torch.cat([p.flatten().double() for p in params.values()]),
+                torch.cat([e.flatten().double() for e in ema])]
+
+    def run(path: Path) -> list[torch.Tensor]:
+        losses, trainer = reference(path)
+        return flat(losses, _trainable(trainer), trainer.teacher.state_dict()["ema"])
+
+    fp32 = run(tmp_path / "fp32")
+    with mixed_precision("bf16"):
+        single = run(tmp_path / "bf16")
+    sharded = flat(ranks[0]["losses"], ranks[0]["params"], ranks[0]["ema"])
+    first = fp32[0][0].abs()
+    assert (sharded[0][0] - fp32[0][0]).abs() <= 4 * BF16_ROUNDOFF * first
+    for what, ours, one, exact in zip(("losses", "weights", "EMA"), sharded, single, fp32,
+                                      strict=True):
+        error, expected = (ours - exact).pow(2).mean().sqrt(), (one - exact).pow(2).mean().sqrt()
+        assert expected > 100 * RTOL * exact.abs().max(), f"{what}: the reference ran in fp32"
+        assert expected / BF16_FACTOR <= error <= (
+            BF16_FACTOR * expected + BF16_ROUNDOFF * learning_rate), (what, error, expected)
 
 
 def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> None:
