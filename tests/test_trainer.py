@@ -5,6 +5,7 @@ fail before training; metrics, checkpoints and the final model are written."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -124,6 +125,42 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, mode) -> None:
                                                          rel=1e-6, abs=1e-9)
     lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+ONE = {"num_processes": 1, "sharding": "replicated"}
+
+
+@pytest.mark.parametrize(("saved", "files", "current", "refused"), [
+    (ONE, [], ONE, None),
+    ({"num_processes": 4, "sharding": "replicated"}, [], ONE, None),  # DDP: the whole state
+    ({"num_processes": 1, "sharding": "fsdp2"}, [], ONE, "1 processes (fsdp2)"),
+    ({"num_processes": 2, "sharding": "zero3"}, [], ONE, "2 processes (zero3)"),
+    ({"num_processes": 2, "sharding": "zero3"}, [],
+     {"num_processes": 2, "sharding": "zero3"}, None),
+    ({"num_processes": 2, "sharding": "zero2"}, [],
+     {"num_processes": 2, "sharding": "zero3"}, "2 processes (zero2)"),
+    ({"num_processes": 2, "sharding": "fsdp2"}, [],
+     {"num_processes": 4, "sharding": "fsdp2"}, "this run has 4 (fsdp2)"),
+    # written before the layout was recorded: read from accelerate's files
+    ({}, ["pytorch_model_fsdp_0/", "random_states_0.pkl", "random_states_1.pkl"], ONE,
+     "2 processes (fsdp2)"),
+    ({}, ["pytorch_model/", "random_states_0.pkl", "random_states_1.pkl"],
+     {"num_processes": 2, "sharding": "zero2"}, None),
+    ({}, ["random_states_0.pkl", "random_states_1.pkl"], ONE, None),
+], ids=["same", "ddp-on-one", "fsdp2-on-replicated", "zero3-2-on-1", "zero3-same",
+        "zero2-as-zero3", "fsdp2-2-on-4", "old-fsdp2", "old-zero-same", "old-ddp"])
+def test_the_layout_of_a_checkpoint_is_checked_before_resuming(tmp_path, saved, files,
+                                                              current, refused) -> None:
+    from opsd_kernels.trainer import checkpoint
+
+    torch.save({"step": 3, **saved}, tmp_path / checkpoint.PROGRESS_FILE)
+    for name in files:
+        (tmp_path / name).mkdir() if name.endswith("/") else (tmp_path / name).touch()
+    if refused is None:
+        checkpoint.check_layout(tmp_path, current)
+    else:
+        with pytest.raises(ValueError, match=rf"checkpoint {tmp_path} .*{re.escape(refused)}"):
+            checkpoint.check_layout(tmp_path, current)
 
 
 def test_an_interrupted_save_is_never_resumed_from(tmp_path) -> None:

@@ -38,6 +38,7 @@ from test_trainer_fsdp import (
     _close_all,
     _trainable,
     assert_bf16_matches_one_process,
+    assert_resume_refused,
     assert_weights_match_one_process,
 )
 from trainer_fixtures import FixedResponses, problems, small_config, small_model
@@ -156,6 +157,11 @@ def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> No
     assert list(checkpoint.glob("pytorch_model/*optim_states.pt"))  # DeepSpeed's own state
     final = AutoModelForCausalLM.from_pretrained(sharded / "resume" / "run" / "final")
     _close_all({n: p for n, p in final.named_parameters()}, resumed["params"], "saved")
+
+
+def test_resuming_on_another_process_count_is_refused(sharded, stage, tmp_path) -> None:
+    assert_resume_refused(sharded / "resume" / "run" / "checkpoints" / "checkpoint_1", tmp_path,
+                          f"zero{stage}")
 
 
 def test_a_non_finite_step_is_skipped_as_in_one_process(sharded, tmp_path) -> None:

@@ -15,6 +15,8 @@ file computes the same in one process and compares (fp32, relative 1e-5).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +215,29 @@ def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> No
     assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").exists()  # the sharded state
     final = AutoModelForCausalLM.from_pretrained(sharded / "resume" / "run" / "final")
     _close_all({n: p for n, p in final.named_parameters()}, resumed["params"], "saved")
+
+
+def test_resuming_on_another_process_count_is_refused(sharded, tmp_path) -> None:
+    assert_resume_refused(sharded / "resume" / "run" / "checkpoints" / "checkpoint_1", tmp_path,
+                          "fsdp2")
+
+
+def assert_resume_refused(saved: Path, tmp_path: Path, sharding: str) -> None:
+    """The 2-process checkpoint ``saved``, resumed by one process: refused before anything is
+    loaded, naming the checkpoint and both process counts."""
+    found = tmp_path / "run" / "checkpoints" / saved.name
+    shutil.copytree(saved, found)
+    model, tokenizer = small_model()
+    trainer = OPSDTrainer(model, tokenizer, problems(8),
+                          steps_config(tmp_path, 1, resume=True, save_steps=1),
+                          rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
+    before = _trainable(trainer)
+    with pytest.raises(ValueError, match=re.escape(
+            f"checkpoint {found} was saved by 2 processes ({sharding}), this run has 1 "
+            "(replicated)")):
+        trainer.train()
+    assert trainer.step == 0
+    _close_all(_trainable(trainer), before, "untouched parameter")
 
 
 def test_sampled_rollouts_and_greedy_evaluation(sharded, tmp_path) -> None:

@@ -83,16 +83,70 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
 
 
 class Progress:
-    """The trainer's step, saved with each checkpoint as an accelerate custom object."""
+    """The trainer's step, saved with each checkpoint as an accelerate custom object (the first
+    one, ``custom_checkpoint_0.pkl``), with the run's `layout`, which `check_layout` compares
+    before a resume."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: dict[str, Any] | None = None) -> None:
         self.step = 0
+        self.layout = layout or {"num_processes": 1, "sharding": REPLICATED}
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, **self.layout}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+
+
+REPLICATED = "replicated"  # one process, or DDP: every process holds the whole state
+PROGRESS_FILE = "custom_checkpoint_0.pkl"
+
+
+def layout(accelerator: Any) -> dict[str, Any]:
+    """How a run splits its model and optimizer state: the number of processes and the
+    sharding, "fsdp2", "zero<stage>" (DeepSpeed) or `REPLICATED`."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        sharding_name = f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
+    elif kind == "DEEPSPEED":
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        sharding_name = f"zero{zero.get('stage', 0)}"
+    else:
+        sharding_name = REPLICATED
+    return {"num_processes": accelerator.num_processes, "sharding": sharding_name}
+
+
+def saved_layout(path: Path) -> dict[str, Any]:
+    """The `layout` a checkpoint was saved with. Checkpoints written before it was recorded:
+    the process count from accelerate's per-process RNG files, the sharding from the model's
+    folder (DeepSpeed's without its stage)."""
+    saved = torch.load(path / PROGRESS_FILE, weights_only=True)
+    if "num_processes" in saved:
+        return {"num_processes": saved["num_processes"], "sharding": saved["sharding"]}
+    sharding_name = ("fsdp2" if (path / "pytorch_model_fsdp_0").is_dir() else
+                     "zero" if (path / "pytorch_model").is_dir() else REPLICATED)
+    return {"num_processes": len(list(path.glob("random_states_*.pkl"))) or 1,
+            "sharding": sharding_name}
+
+
+def check_layout(path: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume a sharded checkpoint (FSDP2's torch.distributed.checkpoint files,
+    DeepSpeed's per-process partitions) on another number of processes or another sharding:
+    its state is split for the run that saved it, and reading it otherwise would fail or, worse,
+    load some processes' shards only. Replicated checkpoints (one process, DDP: the whole state
+    in one place) resume on any number."""
+    saved = saved_layout(path)
+    if saved["sharding"] == current["sharding"] == REPLICATED:
+        return
+    same = (saved["num_processes"] == current["num_processes"]
+            and (saved["sharding"] == current["sharding"]
+                 or saved["sharding"] == "zero" and current["sharding"].startswith("zero")))
+    if not same:
+        raise ValueError(
+            f"resume: checkpoint {path} was saved by {saved['num_processes']} processes "
+            f"({saved['sharding']}), this run has {current['num_processes']} "
+            f"({current['sharding']}); a sharded checkpoint resumes only on the process count "
+            f"and sharding that saved it (or start a new run from the model saved in it)")
 
 
 def project_configuration(output_dir: Path, total_limit: int | None) -> Any:

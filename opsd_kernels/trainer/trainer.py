@@ -112,7 +112,7 @@ class OPSDTrainer:
         elif zero3:  # inside the engine's forward, whose hooks gather the partitions
             self.engine = InForwardEngine(self.engine, self.objective,
                                           self.accelerator.unwrap_model(self.objective))
-        self.progress = checkpoint.Progress()
+        self.progress = checkpoint.Progress(checkpoint.layout(self.accelerator))
         self._checkpointed = (self.progress, self.teacher)
         self.accelerator.register_for_checkpointing(*self._checkpointed)
         checkpoint.use_hugging_face_format(
@@ -357,6 +357,9 @@ class OPSDTrainer:
         return checkpoint.save_checkpoint(self.accelerator, self.output_dir, self.step)
 
     def resume_from(self, path: str | Path) -> None:
+        """Load a checkpoint of this run; a sharded one (FSDP2, DeepSpeed) only on the process
+        count and sharding that saved it (`checkpoint.check_layout`)."""
+        checkpoint.check_layout(Path(path), self.progress.layout)
         self.accelerator.load_state(str(path))
         self._print(f"resumed from {path} at step {self.step}")
 
