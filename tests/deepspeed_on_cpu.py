@@ -3,7 +3,7 @@
 accelerate (1.15) picks a distributed backend only for accelerator devices unless asked to run
 on the CPU, and asking for the CPU turns DeepSpeed off: with DeepSpeed on a machine without one
 it finds no backend and counts a single process. `enable` gives it gloo there (the backend
-DeepSpeed's own CPU accelerator uses); the rest is accelerate's and DeepSpeed's own code.
+DeepSpeed's own CPU accelerator uses), for every launched process count, one included; the rest is accelerate's and DeepSpeed's own code.
 Call it before the first PartialState (TrainingArguments, Accelerator).
 """
 
@@ -24,7 +24,7 @@ def enable() -> None:
     def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
         backend, kind = chosen(self, cpu, sagemaker_dp, backend)
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        if backend is None and deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if backend is None and deepspeed and "WORLD_SIZE" in os.environ:
             return "gloo", DistributedType.MULTI_CPU
         return backend, kind
 

@@ -133,6 +133,21 @@ def run_resume(out: Path, rank: int, world: int) -> dict:
             "ema": trainer.teacher.state_dict()["ema"]}
 
 
+def run_reshard(out: Path, rank: int, world: int) -> dict:
+    """Resume the checkpoint the test put in ``<out>/reshard`` (saved by another number of
+    processes); what was refused, if it was."""
+    model, tokenizer = small_model()
+    config = steps_config(out / "reshard", world, resume=True, max_grad_norm=CLIP, device="auto")
+    trainer = OPSDTrainer(model, tokenizer, problems(8), config, rollout_engine=(
+        FixedResponses(len(tokenizer), tokenizer.eos_token_id)))
+    try:
+        history = trainer.train()
+    except ValueError as refused:
+        return {"refused": str(refused), "engine": type(trainer.objective).__name__}
+    return {"losses": [h["loss"] for h in history], "params": trainable(trainer),
+            "ema": trainer.teacher.state_dict()["ema"], "refused": None}
+
+
 def run_sampling(out: Path, rank: int, world: int) -> dict:
     """Greedy evaluation (3 problems: one process has fewer; 1 problem: one has none), then a
     step on sampled rollouts."""
@@ -160,7 +175,8 @@ def main(out_dir: str) -> None:
              "steps": lambda: run_steps(out, rank, world),
              "resume": lambda: run_resume(out, rank, world),
              "sampling": lambda: run_sampling(out, rank, world),
-             "nonfinite": lambda: run_nonfinite(out, rank, world)}
+             "nonfinite": lambda: run_nonfinite(out, rank, world),
+             "reshard": lambda: run_reshard(out, rank, world)}
     chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else list(cases)
     for name in chosen:
         result = cases[name]()

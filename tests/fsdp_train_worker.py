@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_on_cpu  # noqa: E402
 from trainer_fixtures import FixedResponses, problems, small_config, small_model  # noqa: E402
 
+from opsd_kernels import sharding  # noqa: E402
 from opsd_kernels.trainer import OPSDTrainer  # noqa: E402
 from opsd_kernels.trainer.objective import RolloutBatch  # noqa: E402
 
@@ -115,6 +116,19 @@ def run_resume(out: Path, rank: int, world: int) -> dict:
             "ema": trainer.teacher.state_dict()["ema"]}
 
 
+def run_reshard(out: Path, rank: int, world: int) -> dict:
+    """Resume the checkpoint the test put in ``<out>/reshard`` (saved by another number of
+    processes) and run to the end."""
+    model, tokenizer = small_model()
+    config = steps_config(out / "reshard", world, resume=True)
+    trainer = OPSDTrainer(model, tokenizer, problems(8), config, rollout_engine=(
+        FixedResponses(len(tokenizer), tokenizer.eos_token_id)))
+    history = trainer.train()
+    return {"losses": [h["loss"] for h in history], "params": trainable(trainer),
+            "ema": trainer.teacher.state_dict()["ema"], "sharded": sharding.is_fsdp_unit(
+                trainer.objective)}
+
+
 def run_sampling(out: Path, rank: int, world: int) -> dict:
     """Greedy evaluation (3 problems: one process has fewer), then a step on rollouts sampled by
     transformers' generate inside the root's forward."""
@@ -138,7 +152,8 @@ def main(out_dir: str) -> None:
                 for name in GRADIENT_CASES},
              "steps": lambda: run_steps(out, rank, world),
              "resume": lambda: run_resume(out, rank, world),
-             "sampling": lambda: run_sampling(out, rank, world)}
+             "sampling": lambda: run_sampling(out, rank, world),
+             "reshard": lambda: run_reshard(out, rank, world)}
     chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else list(cases)
     for name in chosen:
         result = cases[name]()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +54,13 @@ pytestmark = [pytest.mark.slow,  # two processes under accelerate launch
                                  reason="deepspeed is not installed")]
 
 
-def _launch(config: str, out: Path, *cases: str, precision: str = "no") -> None:
+def _launch(config: str, out: Path, *cases: str, precision: str = "no",
+            processes: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     port = 29400 + os.getpid() % 500 + (10 if config == "zero3" else 0)
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch",
-         "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
+         "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", str(processes),
          "--mixed_precision", precision, "--main_process_port", str(port), str(WORKER), str(out),
          *([",".join(cases)] if cases else [])],
         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -159,7 +161,24 @@ def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> No
     _close_all({n: p for n, p in final.named_parameters()}, resumed["params"], "saved")
 
 
-def test_resuming_on_another_process_count_is_refused(sharded, stage, tmp_path) -> None:
+def test_resuming_on_another_number_of_zero_processes_is_refused(sharded, stage,
+                                                                 tmp_path) -> None:
+    """The 2-process checkpoint under the same config with 1 process: refused before the engine
+    loads anything (DeepSpeed itself would load the weights, then stop at the optimizer
+    partitions: "Automatic adjustment of ZeRO's optimizer state partitioning with a new world
+    size is not currently supported")."""
+    saved = sharded / "resume" / "run" / "checkpoints" / "checkpoint_1"
+    found = tmp_path / "reshard" / "run" / "checkpoints" / saved.name
+    shutil.copytree(saved, found)
+    _launch(f"zero{stage}", tmp_path, "reshard", processes=1)
+    result = torch.load(tmp_path / "reshard-rank0.pt", weights_only=False)
+    assert result["world"] == 1 and result["engine"] == "DeepSpeedEngine"
+    assert result["refused"].startswith(
+        f"resume: checkpoint {found} was saved by 2 processes (zero{stage}), this run has 1 "
+        f"(zero{stage});"), result["refused"]
+
+
+def test_resuming_on_one_unsharded_process_is_refused(sharded, stage, tmp_path) -> None:
     assert_resume_refused(sharded / "resume" / "run" / "checkpoints" / "checkpoint_1", tmp_path,
                           f"zero{stage}")
 

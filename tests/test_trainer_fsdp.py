@@ -47,11 +47,11 @@ RTOL = 1e-5
 pytestmark = pytest.mark.slow  # two processes under accelerate launch
 
 
-def _launch(out: Path, precision: str = "no", *cases: str) -> None:
+def _launch(out: Path, precision: str = "no", *cases: str, processes: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-         "--num_processes", "2", "--mixed_precision", precision,
+         "--num_processes", str(processes), "--mixed_precision", precision,
          "--main_process_port", str(29300 + os.getpid() % 1000), str(WORKER), str(out),
          *([",".join(cases)] if cases else [])],
         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -217,7 +217,33 @@ def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> No
     _close_all({n: p for n, p in final.named_parameters()}, resumed["params"], "saved")
 
 
-def test_resuming_on_another_process_count_is_refused(sharded, tmp_path) -> None:
+def _resharded(saved: Path, out: Path, processes: int) -> dict:
+    """The steps run resumed from ``saved`` by ``processes`` FSDP2 processes."""
+    shutil.copytree(saved, out / "reshard" / "run" / "checkpoints" / saved.name)
+    _launch(out, "no", "reshard", processes=processes)
+    result = torch.load(out / "reshard-rank0.pt", weights_only=False)
+    assert result["world"] == processes and result["sharded"]
+    return result
+
+
+def test_a_checkpoint_resumes_on_another_number_of_fsdp2_processes(sharded, tmp_path) -> None:
+    """torch.distributed.checkpoint reshards the model and optimizer state on load: the step
+    after the checkpoint, the weights (Adam's moments included: a fresh optimizer would move
+    them by ~lr) and the EMA continue the uninterrupted 2-process run, from 2 processes to 1
+    and from 1 to 2."""
+    steps = _result(sharded, "steps")
+    checkpoint = Path("resume") / "run" / "checkpoints" / "checkpoint_1"
+    one = _resharded(sharded / checkpoint, tmp_path / "to-1", processes=1)
+    _launch(tmp_path / "from-1", "no", "resume", processes=1)  # a 1-process checkpoint
+    two = _resharded(tmp_path / "from-1" / checkpoint, tmp_path / "to-2", processes=2)
+    for what, result in (("2 -> 1", one), ("1 -> 2", two)):
+        _close(result["losses"], steps["losses"][1:], f"{what}: loss after the checkpoint")
+        _close_all(result["params"], steps["params"], f"{what}: parameter")
+        _close_all(dict(enumerate(result["ema"])), dict(enumerate(steps["ema"])),
+                   f"{what}: EMA")
+
+
+def test_resuming_on_one_unsharded_process_is_refused(sharded, tmp_path) -> None:
     assert_resume_refused(sharded / "resume" / "run" / "checkpoints" / "checkpoint_1", tmp_path,
                           "fsdp2")
 

@@ -130,13 +130,21 @@ def saved_layout(path: Path) -> dict[str, Any]:
 
 
 def check_layout(path: Path, current: dict[str, Any]) -> None:
-    """Refuse to resume a sharded checkpoint (FSDP2's torch.distributed.checkpoint files,
-    DeepSpeed's per-process partitions) on another number of processes or another sharding:
-    its state is split for the run that saved it, and reading it otherwise would fail or, worse,
-    load some processes' shards only. Replicated checkpoints (one process, DDP: the whole state
-    in one place) resume on any number."""
+    """Refuse to resume a checkpoint whose state is split otherwise than this run can read.
+
+    - FSDP2 on any number of processes: accelerate reads its torch.distributed.checkpoint files
+      into this run's shards, which reshards the model and optimizer state (tested from 2
+      processes to 1 and from 1 to 2); the EMA and the step are saved whole.
+    - DeepSpeed ZeRO: only on the process count and stage that saved it. Its files hold each
+      process's partitions; resharding them takes DeepSpeed's universal checkpoint conversion,
+      which is not wired in here.
+    - Replicated (one process, DDP: the whole state in one place): on any number.
+    - Across those kinds (a sharded checkpoint on one plain process, or the reverse): refused,
+      accelerate reads each kind's files only under that kind (the model of every checkpoint is
+      also saved in Hugging Face format, to start a new run from).
+    """
     saved = saved_layout(path)
-    if saved["sharding"] == current["sharding"] == REPLICATED:
+    if saved["sharding"] == current["sharding"] in (REPLICATED, "fsdp2"):
         return
     same = (saved["num_processes"] == current["num_processes"]
             and (saved["sharding"] == current["sharding"]
@@ -145,8 +153,9 @@ def check_layout(path: Path, current: dict[str, Any]) -> None:
         raise ValueError(
             f"resume: checkpoint {path} was saved by {saved['num_processes']} processes "
             f"({saved['sharding']}), this run has {current['num_processes']} "
-            f"({current['sharding']}); a sharded checkpoint resumes only on the process count "
-            f"and sharding that saved it (or start a new run from the model saved in it)")
+            f"({current['sharding']}); it resumes only under the sharding that saved it, and "
+            f"under DeepSpeed only on the same process count (or start a new run from the "
+            f"model saved in it)")
 
 
 def project_configuration(output_dir: Path, total_limit: int | None) -> Any:
