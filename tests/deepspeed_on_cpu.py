@@ -3,8 +3,9 @@
 accelerate (1.15) picks a distributed backend only for accelerator devices unless asked to run
 on the CPU, and asking for the CPU turns DeepSpeed off: with DeepSpeed on a machine without one
 it finds no backend and counts a single process. `enable` gives it gloo there (the backend
-DeepSpeed's own CPU accelerator uses), for every launched process count, one included; the rest is accelerate's and DeepSpeed's own code.
-Call it before the first PartialState (TrainingArguments, Accelerator).
+DeepSpeed's own CPU accelerator uses), for any launched process count, one included; the rest
+is accelerate's and DeepSpeed's own code. Call it before the first PartialState
+(TrainingArguments, Accelerator).
 """
 
 from __future__ import annotations

@@ -149,7 +149,8 @@ ONE = {"num_processes": 1, "sharding": "replicated"}
      {"num_processes": 2, "sharding": "zero2"}, None),
     ({}, ["random_states_0.pkl", "random_states_1.pkl"], ONE, None),
 ], ids=["same", "ddp-on-one", "fsdp2-on-replicated", "zero3-2-on-1", "zero3-same",
-        "zero2-as-zero3", "fsdp2-2-on-4", "replicated-on-fsdp2", "old-fsdp2", "old-zero-same", "old-ddp"])
+        "zero2-as-zero3", "fsdp2-2-on-4", "replicated-on-fsdp2", "old-fsdp2", "old-zero-same",
+        "old-ddp"])
 def test_the_layout_of_a_checkpoint_is_checked_before_resuming(tmp_path, saved, files,
                                                               current, refused) -> None:
     from opsd_kernels.trainer import checkpoint

@@ -12,7 +12,10 @@ both processes in lockstep.
   max_grad_norm (DeepSpeed's accumulation, scaling and clipping): losses, gradient norms, every
   parameter (the same on both processes) and the EMA;
 - the same run stopped after one step and resumed from its DeepSpeed checkpoint: the next loss,
-  the final weights and the final/ model rank 0 wrote (gathered under ZeRO-3);
+  the final weights and the final/ model rank 0 wrote (gathered under ZeRO-3); the checkpoint
+  resumed by 1 DeepSpeed process (another launch) and by one unsharded process: refused;
+- two steps under the bf16 section (another launch per config): their error from the fp32 run
+  of the same order as one process's bf16 error (autocast there);
 - three steps, the second on a NaN loss: DeepSpeed skips that update, the trainer reports it
   and skips the scheduler and teacher; the weights equal one process's, which skips it itself;
 - greedy evaluation with one process holding fewer problems and with one holding none, and a

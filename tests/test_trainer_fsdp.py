@@ -1,6 +1,6 @@
 """The trainer under FSDP2: two processes (gloo on CPU) started by `accelerate launch` with the
 shipped configs/fsdp2.yaml run every case of tests/fsdp_train_worker.py in one launch; this
-file computes the same in one process and compares (fp32, relative 1e-5).
+file computes the same in one process and compares (fp32, relative 1e-5; bf16 as below).
 
 - one micro-batch's loss and the whole (gathered) gradient of every trainable parameter, for a
   frozen head (LoRA) and a trainable one, tied and untied embeddings, shared prefixes on and off,
@@ -8,7 +8,11 @@ file computes the same in one process and compares (fp32, relative 1e-5).
 - two optimizer steps with the EMA teacher and two accumulated micro-batches: losses, every
   parameter (the same on both processes) and the EMA;
 - the same run stopped after one step and resumed from its checkpoint: the next loss and the
-  final weights, and the final/ model rank 0 wrote;
+  final weights, and the final/ model rank 0 wrote; its checkpoint resumed by 1 FSDP2 process,
+  and a 1-process FSDP2 checkpoint by 2 (resharded: the same loss, weights and EMA), and
+  refused by one unsharded process;
+- two steps under ``--mixed_precision bf16`` (another launch): their error from the fp32 run of
+  the same order as one process's bf16 error (`assert_bf16_matches_one_process`);
 - greedy evaluation with one process holding fewer problems, and a step on sampled rollouts.
 """
 

@@ -13,7 +13,12 @@ besides, from the whole state dict gathered onto rank 0, for ``opsd eval`` and
 ``from_pretrained``. Under DeepSpeed the engine's own checkpoint (ZeRO-2: its fp32 weights and
 partitioned optimizer state; ZeRO-3: each process's partitions of both; files per process) is
 saved and read the same way; under ZeRO-2 every process holds the whole weights, so the Hugging
-Face copy needs no gathering, under ZeRO-3 it is gathered onto rank 0 like FSDP2's."""
+Face copy needs no gathering, under ZeRO-3 it is gathered onto rank 0 like FSDP2's.
+
+Each checkpoint records the process count and sharding that wrote it (`layout`, with the step);
+`check_layout` compares them with the resuming run's before anything is loaded: FSDP2 resumes on
+any number of processes (torch.distributed.checkpoint reshards), DeepSpeed only on its own, a
+sharded checkpoint never on an unsharded run or the reverse."""
 
 from __future__ import annotations
 

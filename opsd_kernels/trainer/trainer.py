@@ -5,7 +5,9 @@ with configs/zero2.yaml and zero3.yaml (`opsd_kernels.trainer.zero` drives the e
 tested with 2 CPU processes on gloo. `opsd_kernels.sharding` gathers the sharded lm_head for the
 loss; under FSDP2 and ZeRO-3 rollouts and evaluation run inside the root's / engine's forward on
 every process at once (`InForwardEngine`), the EMA teacher lives in each process's shards, and
-the Hugging Face copies are gathered onto rank 0."""
+the Hugging Face copies are gathered onto rank 0. bf16 (accelerate's ``mixed_precision``) is
+tested under FSDP2, ZeRO-2 and ZeRO-3 against one process; checkpoints resume on another number
+of processes under FSDP2 and are refused so under DeepSpeed (`checkpoint.check_layout`)."""
 
 from __future__ import annotations
 

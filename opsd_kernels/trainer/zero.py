@@ -29,7 +29,9 @@ copies it into them for the teacher's passes (`teacher.Teacher`), after `release
 partitioned every weight ZeRO holds gathered (prefetched, kept for reuse, persistent), and again
 before the student's weights go back: so it refuses the settings under which ZeRO gathers from
 somewhere else (hpZ's secondary partitions, quantized weights, parameters offloaded to NVMe).
-Checkpoints are DeepSpeed's own (each process's partitions of the weights and optimizer state);
+Checkpoints are DeepSpeed's own (each process's partitions of the weights and optimizer state),
+resumed only on the process count that wrote them (`checkpoint.check_layout`; DeepSpeed's
+universal checkpoints, which could reshape them, are not used);
 the Hugging Face copies (`checkpoint.save_model`) gather each module's weights in turn onto rank
 0 (`sharding.full_state_dict`)."""
 
