@@ -72,6 +72,11 @@ def test_shared_prefixes_under_bf16_autocast_match_the_plain_pass(tmp_path) -> N
     assert (grad - plain_grad).norm() <= 4 * 2**-8 * plain_grad.norm()
 
 
+def test_fp16_outside_deepspeed_is_refused(tmp_path) -> None:
+    with mixed_precision("fp16"), pytest.raises(ValueError, match="fp16 is not supported"):
+        _trainer(tmp_path)
+
+
 def test_sft_loss_goes_down_and_trains_on_teacher_prompts_when_asked(tmp_path) -> None:
     trainer = _trainer(tmp_path, problems(2), method="sft", max_steps=5,
                        sft_teacher_prompts=True)

@@ -372,11 +372,18 @@ class OPSDTrainer:
 
 def _check_distributed(accelerator: Any) -> None:
     """Refuse the sharded setups the trainer cannot run (it runs DDP, FSDP2, ZeRO-2 and ZeRO-3;
-    `zero.configure` checks the DeepSpeed config)."""
+    `zero.configure` checks the DeepSpeed config), and fp16 outside DeepSpeed."""
     if accelerator.distributed_type == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ValueError("accelerate config: FSDP1 flattens each unit's parameters into one "
                          "buffer, where the fused loss cannot find the lm_head weight; set "
                          "fsdp_version: 2 (opsd_kernels/trainer/configs/fsdp2.yaml)")
+    if accelerator.mixed_precision == "fp16" and not zero.is_deepspeed(accelerator):
+        # accelerate's fp16 steps through a GradScaler, whose overflow steps the trainer would
+        # skip itself (no scaler.update(): the scale never backs off and the next unscale_
+        # fails); on CPU accelerate runs fp16 as fp32, without autocast or scaler.
+        raise ValueError("mixed_precision: fp16 is not supported by OPSDTrainer outside "
+                         "DeepSpeed (its non-finite step skipping bypasses the loss scaler); "
+                         "use bf16")
 
 
 def _is_problems(dataset: Any) -> bool:
