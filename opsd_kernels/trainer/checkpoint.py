@@ -141,8 +141,9 @@ def check_layout(path: Path, current: dict[str, Any]) -> None:
       into this run's shards, which reshards the model and optimizer state (tested from 2
       processes to 1 and from 1 to 2); the EMA and the step are saved whole.
     - DeepSpeed ZeRO: only on the process count and stage that saved it. Its files hold each
-      process's partitions; resharding them takes DeepSpeed's universal checkpoint conversion,
-      which is not wired in here.
+      process's partitions; resharding them takes DeepSpeed's universal checkpoint conversion
+      (``ds_to_universal``), which needs ``universal_checkpoint_info`` saved as client state
+      and ``load_universal`` on load; neither is wired in here.
     - Replicated (one process, DDP: the whole state in one place): on any number.
     - Across those kinds (a sharded checkpoint on one plain process, or the reverse): refused,
       accelerate reads each kind's files only under that kind (the model of every checkpoint is
