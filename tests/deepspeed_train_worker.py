@@ -10,8 +10,8 @@ untied embeddings, shared prefixes on / off; once with gradient checkpointing); 
 steps with the EMA teacher, two accumulated micro-batches and a clipping gradient norm; the same
 run stopped after one step and resumed; three steps, the second on a NaN loss; greedy
 evaluation (one process with fewer problems, one with none) and a step on sampled rollouts; a
-checkpoint of another number of processes resumed (``reshard``: launched apart with 1 process,
-it reports the refusal). The steps case also reports whether the engine runs bf16.
+checkpoint of another number of processes resumed (``reshard``, launched apart with the
+checkpoint in place). The steps case also reports whether the engine runs bf16.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def run_resume(out: Path, rank: int, world: int) -> dict:
 
 def run_reshard(out: Path, rank: int, world: int) -> dict:
     """Resume the checkpoint the test put in ``<out>/reshard`` (saved by another number of
-    processes); what was refused, if it was."""
+    processes) and run to the end; what was refused, if it was."""
     model, tokenizer = small_model()
     config = steps_config(out / "reshard", world, resume=True, max_grad_norm=CLIP, device="auto")
     trainer = OPSDTrainer(model, tokenizer, problems(8), config, rollout_engine=(

@@ -135,38 +135,42 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, mode) -> None:
 ONE = {"num_processes": 1, "sharding": "replicated"}
 
 
-@pytest.mark.parametrize(("saved", "files", "current", "refused"), [
-    (ONE, [], ONE, None),
-    ({"num_processes": 4, "sharding": "replicated"}, [], ONE, None),  # DDP: the whole state
+@pytest.mark.parametrize(("saved", "files", "current", "outcome"), [
+    (ONE, [], ONE, False),
+    ({"num_processes": 4, "sharding": "replicated"}, [], ONE, False),  # DDP: the whole state
     ({"num_processes": 1, "sharding": "fsdp2"}, [], ONE, "1 processes (fsdp2)"),
     ({"num_processes": 2, "sharding": "zero3"}, [], ONE, "2 processes (zero3)"),
     ({"num_processes": 2, "sharding": "zero3"}, [],
-     {"num_processes": 2, "sharding": "zero3"}, None),
+     {"num_processes": 2, "sharding": "zero3"}, False),
+    ({"num_processes": 2, "sharding": "zero3"}, [],  # read as a universal checkpoint
+     {"num_processes": 1, "sharding": "zero3"}, True),
     ({"num_processes": 2, "sharding": "zero2"}, [],
      {"num_processes": 2, "sharding": "zero3"}, "2 processes (zero2)"),
     ({"num_processes": 2, "sharding": "fsdp2"}, [],  # torch.distributed.checkpoint reshards
-     {"num_processes": 4, "sharding": "fsdp2"}, None),
+     {"num_processes": 4, "sharding": "fsdp2"}, False),
     (ONE, [], {"num_processes": 2, "sharding": "fsdp2"}, "this run has 2 (fsdp2)"),
     # written before the layout was recorded: read from accelerate's files
     ({}, ["pytorch_model_fsdp_0/", "random_states_0.pkl", "random_states_1.pkl"], ONE,
      "2 processes (fsdp2)"),
     ({}, ["pytorch_model/", "random_states_0.pkl", "random_states_1.pkl"],
-     {"num_processes": 2, "sharding": "zero2"}, None),
-    ({}, ["random_states_0.pkl", "random_states_1.pkl"], ONE, None),
-], ids=["same", "ddp-on-one", "fsdp2-on-replicated", "zero3-2-on-1", "zero3-same",
-        "zero2-as-zero3", "fsdp2-2-on-4", "replicated-on-fsdp2", "old-fsdp2", "old-zero-same",
-        "old-ddp"])
+     {"num_processes": 2, "sharding": "zero2"}, False),
+    ({}, ["pytorch_model/", "random_states_0.pkl", "random_states_1.pkl"],  # stage unknown
+     {"num_processes": 1, "sharding": "zero2"}, "2 processes (zero)"),
+    ({}, ["random_states_0.pkl", "random_states_1.pkl"], ONE, False),
+], ids=["same", "ddp-on-one", "fsdp2-on-replicated", "zero3-on-replicated", "zero3-same",
+        "zero3-2-on-1", "zero2-as-zero3", "fsdp2-2-on-4", "replicated-on-fsdp2", "old-fsdp2",
+        "old-zero-same", "old-zero-2-on-1", "old-ddp"])
 def test_the_layout_of_a_checkpoint_is_checked_before_resuming(tmp_path, saved, files,
-                                                              current, refused) -> None:
+                                                              current, outcome) -> None:
     from opsd_kernels.trainer import checkpoint
 
     torch.save({"step": 3, **saved}, tmp_path / checkpoint.PROGRESS_FILE)
     for name in files:
         (tmp_path / name).mkdir() if name.endswith("/") else (tmp_path / name).touch()
-    if refused is None:
-        checkpoint.check_layout(tmp_path, current)
+    if isinstance(outcome, bool):  # whether it is read as a DeepSpeed universal checkpoint
+        assert checkpoint.check_layout(tmp_path, current) is outcome
     else:
-        with pytest.raises(ValueError, match=rf"checkpoint {tmp_path} .*{re.escape(refused)}"):
+        with pytest.raises(ValueError, match=rf"checkpoint {tmp_path} .*{re.escape(outcome)}"):
             checkpoint.check_layout(tmp_path, current)
 
 

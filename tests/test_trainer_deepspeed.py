@@ -13,7 +13,9 @@ both processes in lockstep.
   parameter (the same on both processes) and the EMA;
 - the same run stopped after one step and resumed from its DeepSpeed checkpoint: the next loss,
   the final weights and the final/ model rank 0 wrote (gathered under ZeRO-3); the checkpoint
-  resumed by 1 DeepSpeed process (another launch) and by one unsharded process: refused;
+  resumed by 1 DeepSpeed process and (ZeRO-3) a 1-process checkpoint by 2, through DeepSpeed's
+  universal format (other launches: the same loss, weights and EMA), and refused by one
+  unsharded process;
 - two steps under the bf16 section (another launch per config): their error from the fp32 run
   of the same order as one process's bf16 error (autocast there);
 - three steps, the second on a NaN loss: DeepSpeed skips that update, the trainer reports it
@@ -164,21 +166,36 @@ def test_resume_repeats_the_next_step_and_rank_0_writes_the_model(sharded) -> No
     _close_all({n: p for n, p in final.named_parameters()}, resumed["params"], "saved")
 
 
-def test_resuming_on_another_number_of_zero_processes_is_refused(sharded, stage,
-                                                                 tmp_path) -> None:
-    """The 2-process checkpoint under the same config with 1 process: refused before the engine
-    loads anything (DeepSpeed itself would load the weights, then stop at the optimizer
-    partitions: "Automatic adjustment of ZeRO's optimizer state partitioning with a new world
-    size is not currently supported")."""
-    saved = sharded / "resume" / "run" / "checkpoints" / "checkpoint_1"
-    found = tmp_path / "reshard" / "run" / "checkpoints" / saved.name
-    shutil.copytree(saved, found)
-    _launch(f"zero{stage}", tmp_path, "reshard", processes=1)
-    result = torch.load(tmp_path / "reshard-rank0.pt", weights_only=False)
-    assert result["world"] == 1 and result["engine"] == "DeepSpeedEngine"
-    assert result["refused"].startswith(
-        f"resume: checkpoint {found} was saved by 2 processes (zero{stage}), this run has 1 "
-        f"(zero{stage});"), result["refused"]
+def _resharded(config: str, saved: Path, out: Path, processes: int) -> dict:
+    """The steps run resumed from ``saved`` by ``processes`` DeepSpeed processes."""
+    shutil.copytree(saved, out / "reshard" / "run" / "checkpoints" / saved.name)
+    _launch(config, out, "reshard", processes=processes)
+    result = torch.load(out / "reshard-rank0.pt", weights_only=False)
+    assert result["world"] == processes and result["refused"] is None, result["refused"]
+    assert not (out / "reshard" / "run" / "universal").exists()  # the converted copy is gone
+    return result
+
+
+def test_a_checkpoint_resumes_on_another_number_of_zero_processes(sharded, stage,
+                                                                  tmp_path) -> None:
+    """DeepSpeed's ``ds_to_universal`` converts the per-process partitions and the engine loads
+    them as a universal checkpoint: the step after the checkpoint, the weights (Adam's moments
+    included) and the EMA continue the uninterrupted 2-process run, from 2 processes to 1 and,
+    under ZeRO-3 (to keep the launches few), from 1 to 2. (DeepSpeed alone stops: "Automatic
+    adjustment of ZeRO's optimizer state partitioning with a new world size is not currently
+    supported".)"""
+    config, steps = f"zero{stage}", _result(sharded, "steps")
+    checkpoint = Path("resume") / "run" / "checkpoints" / "checkpoint_1"
+    resumed = [("2 -> 1", _resharded(config, sharded / checkpoint, tmp_path / "to-1", 1))]
+    if stage == 3:
+        _launch(config, tmp_path / "from-1", "resume", processes=1)  # a 1-process checkpoint
+        resumed.append(("1 -> 2", _resharded(config, tmp_path / "from-1" / checkpoint,
+                                             tmp_path / "to-2", 2)))
+    for what, result in resumed:
+        _close(result["losses"], steps["losses"][1:], f"{what}: loss after the checkpoint")
+        _close_all(result["params"], steps["params"], f"{what}: parameter")
+        _close_all(dict(enumerate(result["ema"])), dict(enumerate(steps["ema"])),
+                   f"{what}: EMA")
 
 
 def test_resuming_on_one_unsharded_process_is_refused(sharded, stage, tmp_path) -> None:

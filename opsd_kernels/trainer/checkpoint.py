@@ -17,8 +17,9 @@ Face copy needs no gathering, under ZeRO-3 it is gathered onto rank 0 like FSDP2
 
 Each checkpoint records the process count and sharding that wrote it (`layout`, with the step);
 `check_layout` compares them with the resuming run's before anything is loaded: FSDP2 resumes on
-any number of processes (torch.distributed.checkpoint reshards), DeepSpeed only on its own, a
-sharded checkpoint never on an unsharded run or the reverse."""
+any number of processes (torch.distributed.checkpoint reshards), DeepSpeed too (on another
+number through its universal checkpoint format, `zero.as_universal`), a sharded checkpoint never
+on an unsharded run, another ZeRO stage, or the reverse."""
 
 from __future__ import annotations
 
@@ -134,34 +135,34 @@ def saved_layout(path: Path) -> dict[str, Any]:
             "sharding": sharding_name}
 
 
-def check_layout(path: Path, current: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint whose state is split otherwise than this run can read.
+def check_layout(path: Path, current: dict[str, Any]) -> bool:
+    """Refuse to resume a checkpoint whose state is split otherwise than this run can read;
+    whether it must be read as a DeepSpeed universal checkpoint.
 
     - FSDP2 on any number of processes: accelerate reads its torch.distributed.checkpoint files
       into this run's shards, which reshards the model and optimizer state (tested from 2
       processes to 1 and from 1 to 2); the EMA and the step are saved whole.
-    - DeepSpeed ZeRO: only on the process count and stage that saved it. Its files hold each
-      process's partitions; resharding them takes DeepSpeed's universal checkpoint conversion
-      (``ds_to_universal``), which needs ``universal_checkpoint_info`` saved as client state
-      and ``load_universal`` on load; neither is wired in here.
+    - DeepSpeed ZeRO under the stage that saved it: on its own process count as it is, on
+      another after DeepSpeed's ``ds_to_universal`` has converted its per-process partitions
+      (`zero.universal_checkpoint`; returns True). A checkpoint written before the layout was
+      recorded does not say its stage: on its own count only.
     - Replicated (one process, DDP: the whole state in one place): on any number.
-    - Across those kinds (a sharded checkpoint on one plain process, or the reverse): refused,
-      accelerate reads each kind's files only under that kind (the model of every checkpoint is
-      also saved in Hugging Face format, to start a new run from).
+    - Across those kinds (a sharded checkpoint on one plain process, or the reverse, or another
+      ZeRO stage): refused, accelerate reads each kind's files only under that kind (the model
+      of every checkpoint is also saved in Hugging Face format, to start a new run from).
     """
     saved = saved_layout(path)
-    if saved["sharding"] == current["sharding"] in (REPLICATED, "fsdp2"):
-        return
-    same = (saved["num_processes"] == current["num_processes"]
-            and (saved["sharding"] == current["sharding"]
-                 or saved["sharding"] == "zero" and current["sharding"].startswith("zero")))
-    if not same:
+    kind, count = saved["sharding"], saved["num_processes"]
+    if kind == current["sharding"] in (REPLICATED, "fsdp2"):
+        return False
+    if kind == "zero" and current["sharding"].startswith("zero"):
+        kind = current["sharding"] if count == current["num_processes"] else kind
+    if kind != current["sharding"]:
         raise ValueError(
-            f"resume: checkpoint {path} was saved by {saved['num_processes']} processes "
-            f"({saved['sharding']}), this run has {current['num_processes']} "
-            f"({current['sharding']}); it resumes only under the sharding that saved it, and "
-            f"under DeepSpeed only on the same process count (or start a new run from the "
-            f"model saved in it)")
+            f"resume: checkpoint {path} was saved by {count} processes ({kind}), this run has "
+            f"{current['num_processes']} ({current['sharding']}); it resumes only under the "
+            f"sharding that saved it (or start a new run from the model saved in it)")
+    return count != current["num_processes"]
 
 
 def project_configuration(output_dir: Path, total_limit: int | None) -> Any:

@@ -7,7 +7,7 @@ loss; under FSDP2 and ZeRO-3 rollouts and evaluation run inside the root's / eng
 every process at once (`InForwardEngine`), the EMA teacher lives in each process's shards, and
 the Hugging Face copies are gathered onto rank 0. bf16 (accelerate's ``mixed_precision``) is
 tested under FSDP2, ZeRO-2 and ZeRO-3 against one process; checkpoints resume on another number
-of processes under FSDP2 and are refused so under DeepSpeed (`checkpoint.check_layout`)."""
+of processes under each (`checkpoint.check_layout`, `zero.as_universal`)."""
 
 from __future__ import annotations
 
@@ -359,10 +359,16 @@ class OPSDTrainer:
         return checkpoint.save_checkpoint(self.accelerator, self.output_dir, self.step)
 
     def resume_from(self, path: str | Path) -> None:
-        """Load a checkpoint of this run; a sharded one (FSDP2, DeepSpeed) only on the process
-        count and sharding that saved it (`checkpoint.check_layout`)."""
-        checkpoint.check_layout(Path(path), self.progress.layout)
-        self.accelerator.load_state(str(path))
+        """Load a checkpoint of this run, on any number of processes: a sharded one (FSDP2,
+        DeepSpeed) only under the sharding that saved it (`checkpoint.check_layout`); a ZeRO one
+        from another number of processes through DeepSpeed's universal format
+        (`zero.as_universal`)."""
+        path = Path(path)
+        if checkpoint.check_layout(path, self.progress.layout):  # ZeRO on another count
+            with zero.as_universal(self.accelerator, path) as universal:
+                self.accelerator.load_state(str(universal))
+        else:
+            self.accelerator.load_state(str(path))
         self._print(f"resumed from {path} at step {self.step}")
 
     def _print(self, message: str) -> None:

@@ -29,15 +29,21 @@ copies it into them for the teacher's passes (`teacher.Teacher`), after `release
 partitioned every weight ZeRO holds gathered (prefetched, kept for reuse, persistent), and again
 before the student's weights go back: so it refuses the settings under which ZeRO gathers from
 somewhere else (hpZ's secondary partitions, quantized weights, parameters offloaded to NVMe).
-Checkpoints are DeepSpeed's own (each process's partitions of the weights and optimizer state),
-resumed only on the process count that wrote them (`checkpoint.check_layout`; DeepSpeed's
-universal checkpoints, which could reshape them, are not used);
+Checkpoints are DeepSpeed's own (each process's partitions of the weights and optimizer state);
+on another number of processes they are converted to DeepSpeed's universal format and loaded as
+such (`as_universal`);
 the Hugging Face copies (`checkpoint.save_model`) gather each module's weights in turn onto rank
 0 (`sharding.full_state_dict`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from opsd_kernels.trainer.config import OPSDConfig
@@ -114,3 +120,45 @@ def step(accelerator: Any) -> tuple[float, bool]:
     norm = engine.get_global_grad_norm()
     norm = math.nan if norm is None else float(norm)
     return norm, math.isfinite(norm)
+
+
+@contextlib.contextmanager
+def as_universal(accelerator: Any, path: Path) -> Iterator[Path]:
+    """Checkpoint ``path`` for another number of processes: its DeepSpeed state
+    (``pytorch_model/``, each process's partitions) converted by DeepSpeed's ``ds_to_universal``
+    into the universal format, which the engine loads on any number of processes while its
+    ``load_universal`` setting is on (inside this block). The main process writes the copy to
+    ``<output_dir>/universal/<name>`` (outside ``checkpoints/``: never resumed from or rotated;
+    the other files are linked) and removes it after the block."""
+    target = path.parent.parent / "universal" / path.name
+    if accelerator.is_main_process:
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for item in path.iterdir():
+            if item.name != "pytorch_model":
+                (target / item.name).symlink_to(item.resolve())
+        # --inject_missing_state: the engine's checkpoints lack the universal_checkpoint_info
+        # that Megatron-DeepSpeed saves (no tensor or pipeline parallelism here to describe).
+        done = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+             str(path / "pytorch_model"), "--output_folder", str(target / "pytorch_model"),
+             "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"resume: converting {path} to DeepSpeed's universal checkpoint "
+                               f"failed: {last}")
+    accelerator.wait_for_everyone()
+    config = accelerator.deepspeed_engine_wrapped.engine._config
+    saved = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield target
+    finally:
+        config.load_universal_checkpoint = saved
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(target)
+            with contextlib.suppress(OSError):  # other conversions may be under way
+                target.parent.rmdir()
