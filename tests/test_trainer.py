@@ -395,7 +395,7 @@ def test_sharded_setups_it_cannot_run_are_refused() -> None:
                             state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
     with pytest.raises(ValueError, match="set fsdp_version: 2"):
         _check_distributed(fsdp1)
-    _check_distributed(SimpleNamespace(distributed_type="MULTI_CPU"))
+    _check_distributed(SimpleNamespace(distributed_type="MULTI_CPU", mixed_precision="no"))
 
 
 def _zero3_accelerator(**zero):
