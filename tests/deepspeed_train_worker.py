@@ -29,6 +29,7 @@ from fsdp_train_worker import (  # noqa: E402
     GLOBAL_PROBLEMS,
     fixed_batch,
     gradient_config,
+    reshard_step,
     steps_config,
 )
 from trainer_fixtures import FixedResponses, problems, small_config, small_model  # noqa: E402
@@ -137,9 +138,10 @@ def run_resume(out: Path, rank: int, world: int) -> dict:
 
 def run_reshard(out: Path, rank: int, world: int) -> dict:
     """Resume the checkpoint the test put in ``<out>/reshard`` (saved by another number of
-    processes) and run to the end; what was refused, if it was."""
+    processes) and run one step, saving a checkpoint after it; what was refused, if it was."""
     model, tokenizer = small_model()
-    config = steps_config(out / "reshard", world, resume=True, max_grad_norm=CLIP, device="auto")
+    config = steps_config(out / "reshard", world, resume=True, save_steps=1,
+                          max_steps=reshard_step(out) + 1, max_grad_norm=CLIP, device="auto")
     trainer = OPSDTrainer(model, tokenizer, problems(8), config, rollout_engine=(
         FixedResponses(len(tokenizer), tokenizer.eos_token_id)))
     try:

@@ -118,11 +118,18 @@ def run_resume(out: Path, rank: int, world: int) -> dict:
             "ema": trainer.teacher.state_dict()["ema"]}
 
 
+def reshard_step(out: Path) -> int:
+    """The step of the checkpoint put in ``<out>/reshard``."""
+    found = [p.name for p in (out / "reshard" / "run" / "checkpoints").glob("checkpoint_*")]
+    return max(int(name.removeprefix("checkpoint_")) for name in found)
+
+
 def run_reshard(out: Path, rank: int, world: int) -> dict:
     """Resume the checkpoint the test put in ``<out>/reshard`` (saved by another number of
-    processes) and run to the end."""
+    processes) and run one step, saving a checkpoint after it."""
     model, tokenizer = small_model()
-    config = steps_config(out / "reshard", world, resume=True)
+    config = steps_config(out / "reshard", world, resume=True, save_steps=1,
+                          max_steps=reshard_step(out) + 1)
     trainer = OPSDTrainer(model, tokenizer, problems(8), config, rollout_engine=(
         FixedResponses(len(tokenizer), tokenizer.eos_token_id)))
     history = trainer.train()

@@ -13,9 +13,9 @@ both processes in lockstep.
   parameter (the same on both processes) and the EMA;
 - the same run stopped after one step and resumed from its DeepSpeed checkpoint: the next loss,
   the final weights and the final/ model rank 0 wrote (gathered under ZeRO-3); the checkpoint
-  resumed by 1 DeepSpeed process and (ZeRO-3) a 1-process checkpoint by 2, through DeepSpeed's
-  universal format (other launches: the same loss, weights and EMA), and refused by one
-  unsharded process;
+  resumed by 1 DeepSpeed process and (ZeRO-3) that process's next checkpoint by 2, through
+  DeepSpeed's universal format (other launches: the same loss, weights and EMA as without
+  interruption), and refused by one unsharded process;
 - two steps under the bf16 section (another launch per config): their error from the fp32 run
   of the same order as one process's bf16 error (autocast there);
 - three steps, the second on a NaN loss: DeepSpeed skips that update, the trainer reports it
@@ -45,6 +45,7 @@ from test_trainer_fsdp import (
     _trainable,
     assert_bf16_matches_one_process,
     assert_resume_refused,
+    assert_resumed_as_uninterrupted,
     assert_weights_match_one_process,
 )
 from trainer_fixtures import FixedResponses, problems, small_config, small_model
@@ -120,10 +121,10 @@ def test_loss_and_gradients_match_one_process(sharded, stage, tmp_path, case) ->
     assert head.requires_grad != lora and any(g.abs().max() > 0 for g in grads.values())
 
 
-def _steps_reference(tmp_path: Path) -> tuple[list[dict], OPSDTrainer]:
+def _steps_reference(tmp_path: Path, **overrides) -> tuple[list[dict], OPSDTrainer]:
     model, tokenizer = small_model()
     trainer = OPSDTrainer(model, tokenizer, problems(8),
-                          steps_config(tmp_path, 1, max_grad_norm=CLIP),
+                          steps_config(tmp_path, 1, max_grad_norm=CLIP, **overrides),
                           rollout_engine=FixedResponses(len(tokenizer), tokenizer.eos_token_id))
     return trainer.train(), trainer
 
@@ -179,23 +180,24 @@ def _resharded(config: str, saved: Path, out: Path, processes: int) -> dict:
 def test_a_checkpoint_resumes_on_another_number_of_zero_processes(sharded, stage,
                                                                   tmp_path) -> None:
     """DeepSpeed's ``ds_to_universal`` converts the per-process partitions and the engine loads
-    them as a universal checkpoint: the step after the checkpoint, the weights (Adam's moments
-    included) and the EMA continue the uninterrupted 2-process run, from 2 processes to 1 and,
-    under ZeRO-3 (to keep the launches few), from 1 to 2. (DeepSpeed alone stops: "Automatic
-    adjustment of ZeRO's optimizer state partitioning with a new world size is not currently
-    supported".)"""
-    config, steps = f"zero{stage}", _result(sharded, "steps")
-    checkpoint = Path("resume") / "run" / "checkpoints" / "checkpoint_1"
-    resumed = [("2 -> 1", _resharded(config, sharded / checkpoint, tmp_path / "to-1", 1))]
+    them as a universal checkpoint. The 2-process checkpoint of step 1, resumed by 1 process:
+    step 2's loss, the weights (Adam's moments included) and the EMA equal the uninterrupted
+    2-process run's; under ZeRO-3 (to keep the launches few) that process's checkpoint of step 2
+    resumed by 2 too: step 3 equals the one-process run of three steps. (DeepSpeed alone stops:
+    "Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is not
+    currently supported".)"""
+    config = f"zero{stage}"
+    one = _resharded(config, sharded / "resume" / "run" / "checkpoints" / "checkpoint_1",
+                     tmp_path / "to-1", 1)
+    runs = [("2 -> 1", one, _result(sharded, "steps"))]
     if stage == 3:
-        _launch(config, tmp_path / "from-1", "resume", processes=1)  # a 1-process checkpoint
-        resumed.append(("1 -> 2", _resharded(config, tmp_path / "from-1" / checkpoint,
-                                             tmp_path / "to-2", 2)))
-    for what, result in resumed:
-        _close(result["losses"], steps["losses"][1:], f"{what}: loss after the checkpoint")
-        _close_all(result["params"], steps["params"], f"{what}: parameter")
-        _close_all(dict(enumerate(result["ema"])), dict(enumerate(steps["ema"])),
-                   f"{what}: EMA")
+        two = _resharded(config, tmp_path / "to-1" / "reshard" / "run" / "checkpoints" /
+                         "checkpoint_2", tmp_path / "to-2", 2)
+        history, trainer = _steps_reference(tmp_path / "three", max_steps=3)
+        runs.append(("1 -> 2", two, {"losses": [h["loss"] for h in history],
+                                     "params": _trainable(trainer),
+                                     "ema": trainer.teacher.state_dict()["ema"]}))
+    assert_resumed_as_uninterrupted(runs)
 
 
 def test_resuming_on_one_unsharded_process_is_refused(sharded, stage, tmp_path) -> None:

@@ -9,8 +9,8 @@ file computes the same in one process and compares (fp32, relative 1e-5; bf16 as
   parameter (the same on both processes) and the EMA;
 - the same run stopped after one step and resumed from its checkpoint: the next loss and the
   final weights, and the final/ model rank 0 wrote; its checkpoint resumed by 1 FSDP2 process,
-  and a 1-process FSDP2 checkpoint by 2 (resharded: the same loss, weights and EMA), and
-  refused by one unsharded process;
+  and that process's next checkpoint by 2 (resharded: the same loss, weights and EMA as
+  without interruption), and refused by one unsharded process;
 - two steps under ``--mixed_precision bf16`` (another launch): their error from the fp32 run of
   the same order as one process's bf16 error (`assert_bf16_matches_one_process`);
 - greedy evaluation with one process holding fewer problems, and a step on sampled rollouts.
@@ -231,19 +231,29 @@ def _resharded(saved: Path, out: Path, processes: int) -> dict:
 
 
 def test_a_checkpoint_resumes_on_another_number_of_fsdp2_processes(sharded, tmp_path) -> None:
-    """torch.distributed.checkpoint reshards the model and optimizer state on load: the step
-    after the checkpoint, the weights (Adam's moments included: a fresh optimizer would move
-    them by ~lr) and the EMA continue the uninterrupted 2-process run, from 2 processes to 1
-    and from 1 to 2."""
+    """torch.distributed.checkpoint reshards the model and optimizer state on load. The
+    2-process checkpoint of step 1, resumed by 1 process: step 2's loss, the weights (Adam's
+    moments included: a fresh optimizer would move them by ~lr) and the EMA equal the
+    uninterrupted 2-process run's; that process's checkpoint of step 2, resumed by 2: step 3
+    equals the one-process run of three steps."""
     steps = _result(sharded, "steps")
-    checkpoint = Path("resume") / "run" / "checkpoints" / "checkpoint_1"
-    one = _resharded(sharded / checkpoint, tmp_path / "to-1", processes=1)
-    _launch(tmp_path / "from-1", "no", "resume", processes=1)  # a 1-process checkpoint
-    two = _resharded(tmp_path / "from-1" / checkpoint, tmp_path / "to-2", processes=2)
-    for what, result in (("2 -> 1", one), ("1 -> 2", two)):
-        _close(result["losses"], steps["losses"][1:], f"{what}: loss after the checkpoint")
-        _close_all(result["params"], steps["params"], f"{what}: parameter")
-        _close_all(dict(enumerate(result["ema"])), dict(enumerate(steps["ema"])),
+    one = _resharded(sharded / "resume" / "run" / "checkpoints" / "checkpoint_1",
+                     tmp_path / "to-1", processes=1)
+    two = _resharded(tmp_path / "to-1" / "reshard" / "run" / "checkpoints" / "checkpoint_2",
+                     tmp_path / "to-2", processes=2)
+    losses, trainer = _steps_reference(tmp_path / "three", max_steps=3)
+    three = {"losses": losses, "params": _trainable(trainer),
+             "ema": trainer.teacher.state_dict()["ema"]}
+    assert_resumed_as_uninterrupted([("2 -> 1", one, steps), ("1 -> 2", two, three)])
+
+
+def assert_resumed_as_uninterrupted(runs: list[tuple[str, dict, dict]]) -> None:
+    """Each resumed run's one step (its loss, then the weights and EMA) equals the
+    uninterrupted run's last."""
+    for what, result, expected in runs:
+        _close(result["losses"], expected["losses"][-1:], f"{what}: loss after the checkpoint")
+        _close_all(result["params"], expected["params"], f"{what}: parameter")
+        _close_all(dict(enumerate(result["ema"])), dict(enumerate(expected["ema"])),
                    f"{what}: EMA")
 
 
