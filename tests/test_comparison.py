@@ -58,6 +58,19 @@ def test_results_are_written_as_json_markdown_and_png(compared) -> None:
     assert rows["sft"]["tokens"] == 0 and rows["opsd"]["tokens"] > 0
 
 
+def test_the_table_shows_the_grader_the_config_does_not_use(compared) -> None:
+    _, doc = compared
+    runs = [{**r, "final_accuracy": 1.0, "final_accuracy_unboxed": 1.0,
+             "final_accuracy_boxed": 0.25} for r in doc["runs"]]
+    for grade_unboxed, other, shown in ((True, "boxed only", "25.0%"),
+                                        (False, "last-number fallback", "100.0%")):
+        text = markdown({**doc, "runs": runs,
+                         "config": {**doc["config"], "grade_unboxed": grade_unboxed}})
+        assert f"| final, {other} |" in text
+        opsd = next(line for line in text.splitlines() if line.startswith("| opsd | 2 |"))
+        assert opsd.split(" | ")[5] == f"{shown} ± 0.0%"
+
+
 def test_a_tag_goes_into_the_file_names(compared) -> None:
     tmp, doc = compared
     assert doc["tag"] is None

@@ -159,7 +159,9 @@ def _commit() -> str:
 def _machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return (f"{platform.processor() or platform.machine()}, {threads} "
+            f"thread{'s' if threads != 1 else ''}")
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -196,6 +198,7 @@ def summary_rows(doc: dict) -> list[dict[str, Any]]:
             "method": method, "seeds": len(runs),
             "final": [r["final_accuracy"] for r in runs],
             "gain": [r["final_accuracy"] - r["start_accuracy"] for r in runs],
+            "final_boxed": [r["final_accuracy_boxed"] for r in runs],
             "final_unboxed": [r["final_accuracy_unboxed"] for r in runs],
             "sampled_start": [r["start_accuracy_sampled"] for r in runs],
             "sampled_final": [r["final_accuracy_sampled"] for r in runs],
@@ -208,6 +211,7 @@ def summary_rows(doc: dict) -> list[dict[str, Any]]:
 def markdown(doc: dict) -> str:
     c = doc["config"]
     start, teacher = doc["start"], doc["teacher"]
+    other = "boxed only" if c["grade_unboxed"] else "last-number fallback"
     lines = [
         f"# OPSD against SFT and GRPO: {doc['model']}",
         "",
@@ -226,8 +230,8 @@ def markdown(doc: dict) -> str:
         f"graded {'with' if c['grade_unboxed'] else 'without'} the last-number fallback "
         "unless a column says otherwise; sampled: "
         f"{doc['eval_samples']} samples per problem at the rollout temperature.",
-        "",
-        "| method | seeds | steps | final greedy | gain over start | final, other grader | "
+        *([f"Run: {doc['note']}.", ""] if doc.get("note") else [""]),
+        f"| method | seeds | steps | final greedy | gain over start | final, {other} | "
         "sampled start | sampled final | generated tokens | train seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -237,7 +241,7 @@ def markdown(doc: dict) -> str:
             f" ± {statistics.stdev(gain):.1%}" if len(gain) > 1 else "")
         lines.append(
             f"| {row['method']} | {row['seeds']} | {row['steps']} | {_mean_std(row['final'])} "
-            f"| {gain_text} | {_mean_std(row['final_unboxed'] if not c['grade_unboxed'] else row['final'])} "
+            f"| {gain_text} | {_mean_std(row['final_boxed' if c['grade_unboxed'] else 'final_unboxed'])} "
             f"| {_mean_std(row['sampled_start'])} | {_mean_std(row['sampled_final'])} "
             f"| {row['tokens']:.0f} | {row['seconds']:.0f} |")
     lines += ["", "Per run (greedy accuracy after each evaluation, by optimizer step):", "",
