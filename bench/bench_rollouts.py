@@ -12,6 +12,12 @@ hits all of them) and reported as the median tokens per second and its ratio to 
             (each prompt is encoded once per sample)
   shared    `HFGenerateEngine(share_prompts=True)`: each prompt encoded once, its KV cache
             repeated for its samples
+  static    `batched` with transformers' static KV cache (`cache_implementation="static"`)
+  compiled  `static` with the decoding step compiled by torch.compile (transformers'
+            `CompileConfig`; on CUDA `static` does this by itself, on CPU only when asked);
+            its compilation falls in the warm-up round
+
+`--variants` picks some (the ratio column is then against the first one named).
 
 Tokens count what the responses keep (up to and including eos), not padding. Writes
 `<device>-<date>-rollouts.{json,md}` into --out (default bench/results/).
@@ -36,6 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from opsd_kernels.trainer import model_sources, tasks  # noqa: E402
 from opsd_kernels.trainer.rollouts import HFGenerateEngine, SamplingParams  # noqa: E402
+
+
+VARIANTS = ("loop", "batched", "shared", "static", "compiled")
 
 
 def load(model: str):
@@ -67,11 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated; the ratio is against the first")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
     for name in ("prompts", "samples", "tokens", "threads", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name}: {getattr(args, name)}; expected >= 1")
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or not names:
+        ap.error(f"--variants: unknown {unknown or 'none given'}; choose from {VARIANTS}")
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model)
     ids = prompts(tokenizer, args.task, args.prompts)
@@ -79,16 +94,25 @@ def main(argv: list[str] | None = None) -> int:
                             max_new_tokens=args.tokens)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     pad = eos if pad is None else pad
+    from transformers import CompileConfig
+
+    on_cpu = CompileConfig()
+    on_cpu._compile_all_devices = True  # transformers compiles only on accelerators unless told
     engines = {"batched": HFGenerateEngine(model, pad, eos),
-               "shared": HFGenerateEngine(model, pad, eos, share_prompts=True)}
+               "shared": HFGenerateEngine(model, pad, eos, share_prompts=True),
+               "static": HFGenerateEngine(model, pad, eos,
+                                          generate_kwargs={"cache_implementation": "static"}),
+               "compiled": HFGenerateEngine(model, pad, eos, generate_kwargs={
+                   "cache_implementation": "static", "compile_config": on_cpu})}
     one = SamplingParams(num_samples=1, temperature=1.0, max_new_tokens=args.tokens)
 
     def loop() -> list[list[int]]:
         return [r for p in ids for _ in range(args.samples)
                 for r in engines["batched"].generate([p], one)]
 
-    variants = {"loop": loop, **{k: (lambda e=e: e.generate(ids, params))
-                                 for k, e in engines.items()}}
+    every = {"loop": loop, **{k: (lambda e=e: e.generate(ids, params))
+                              for k, e in engines.items()}}
+    variants = {n: every[n] for n in names}
     speeds: dict[str, list[float]] = {k: [] for k in variants}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for name, run in variants.items():
@@ -119,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.tokens} new tokens, T = 1", "",
              f"{meta['device']}, torch {torch.__version__}, commit {commit}, {date}; median of "
              f"{args.rounds} interleaved rounds", "",
-             "| variant | tokens / s | vs loop |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.0f} | {v / median['loop']:.2f}x |" for k, v in median.items()]
+             f"| variant | tokens / s | vs {names[0]} |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.0f} | {v / median[names[0]]:.2f}x |" for k, v in median.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -39,19 +39,35 @@ class RolloutEngine(Protocol):
                  params: SamplingParams) -> list[list[int]]: ...
 
 
+# generate's arguments the engine sets itself (from the prompts and SamplingParams).
+_SET_BY_THE_ENGINE = frozenset({
+    "input_ids", "attention_mask", "max_new_tokens", "num_return_sequences", "pad_token_id",
+    "eos_token_id", "use_cache", "synced_gpus", "do_sample", "temperature", "top_p", "top_k",
+    "suppress_tokens", "cache", "past_key_values"})
+
+
 class HFGenerateEngine:
     """`model.generate` on left-padded prompt batches, with the KV cache, in eval mode.
 
     share_prompts: encode each prompt once and repeat its KV cache for its samples, instead of
-    encoding it once per sample (the same tokens; fewer FLOPs when prompts are long)."""
+    encoding it once per sample (the same tokens; fewer FLOPs when prompts are long).
+    generate_kwargs: passed on to every ``generate`` call, e.g. ``{"cache_implementation":
+    "static"}`` (on CUDA transformers then compiles the decoding step; on CPU neither helps,
+    bench/results/*-rollouts.md)."""
 
     def __init__(self, model: nn.Module, pad_token_id: int, eos_token_id: int,
-                 max_batch: int = 64, share_prompts: bool = False) -> None:
+                 max_batch: int = 64, share_prompts: bool = False,
+                 generate_kwargs: dict[str, Any] | None = None) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.max_batch = max_batch  # prompts per generate call (times num_samples rows)
         self.share_prompts = share_prompts
+        owned = sorted(set(generate_kwargs or {}) & _SET_BY_THE_ENGINE)
+        if owned:
+            raise ValueError(f"generate_kwargs: {owned} are set by the engine (from the prompts "
+                             "and SamplingParams); leave them out")
+        self.generate_kwargs = dict(generate_kwargs or {})
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -96,7 +112,7 @@ class HFGenerateEngine:
                 input_ids=ids, attention_mask=mask,
                 max_new_tokens=params.max_new_tokens, num_return_sequences=samples,
                 pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True,
-                synced_gpus=synced, **sampling)
+                synced_gpus=synced, **sampling, **self.generate_kwargs)
         finally:
             self.model.train(was_training)
         rows = [_until_eos(row, self.eos_token_id) for row in generated[:, width:].tolist()]
