@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 from opsd_kernels.trainer import model_sources, tasks  # noqa: E402
 from opsd_kernels.trainer.rollouts import HFGenerateEngine, SamplingParams  # noqa: E402
 
-
 VARIANTS = ("loop", "batched", "shared", "static", "compiled")
 
 

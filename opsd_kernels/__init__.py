@@ -31,11 +31,11 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # the names for type checkers ("as" marks them re-exported)
     from opsd_kernels._backend import env_report as env_report
     from opsd_kernels.attention import shared_prefix_attention as shared_prefix_attention
+    from opsd_kernels.logprobs import fused_linear_logprobs as fused_linear_logprobs
     from opsd_kernels.losses import DivergenceStats as DivergenceStats
     from opsd_kernels.losses import FusedLinearDivergenceLoss as FusedLinearDivergenceLoss
     from opsd_kernels.losses import divergence as divergence
     from opsd_kernels.losses import divergence_stats as divergence_stats
-    from opsd_kernels.logprobs import fused_linear_logprobs as fused_linear_logprobs
     from opsd_kernels.losses import fused_linear_divergence as fused_linear_divergence
 
 

@@ -164,8 +164,9 @@ def test_tiny_demo_runs_end_to_end_when_shortened(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(demo, "TRAIN_PROBLEMS", 64)
     monkeypatch.setattr(demo, "EVAL_PROBLEMS", 8)
-    main(["demo", "--model", "tiny", "--device", "cpu", "--output_dir", str(tmp_path / "demo"), "--max_steps", "2",
-          "--max_new_tokens", "8", "--problems_per_step", "2", "--progress_bar", "false"])
+    main(["demo", "--model", "tiny", "--device", "cpu", "--output_dir", str(tmp_path / "demo"),
+          "--max_steps", "2", "--max_new_tokens", "8", "--problems_per_step", "2",
+          "--progress_bar", "false"])
     out = capsys.readouterr().out
     assert "held-out accuracy (8 problems): greedy" in out and "before OPSD" in out
     assert out.count("train data:") == 1

@@ -12,7 +12,6 @@ from opsd_kernels.reference import reference_stats
 from opsd_kernels.trainer.data import load_problems
 from opsd_kernels.trainer.models import prepare_model
 from opsd_kernels.trainer.objective import (
-    IGNORE,
     DistillationObjective,
     RolloutBatch,
 )

@@ -235,13 +235,14 @@ def markdown(doc: dict) -> str:
         "sampled start | sampled final | generated tokens | train seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    second = "final_boxed" if c["grade_unboxed"] else "final_unboxed"
     for row in summary_rows(doc):
         gain = row["gain"]
         gain_text = f"{statistics.mean(gain):+.1%}" + (
             f" ± {statistics.stdev(gain):.1%}" if len(gain) > 1 else "")
         lines.append(
             f"| {row['method']} | {row['seeds']} | {row['steps']} | {_mean_std(row['final'])} "
-            f"| {gain_text} | {_mean_std(row['final_boxed' if c['grade_unboxed'] else 'final_unboxed'])} "
+            f"| {gain_text} | {_mean_std(row[second])} "
             f"| {_mean_std(row['sampled_start'])} | {_mean_std(row['sampled_final'])} "
             f"| {row['tokens']:.0f} | {row['seconds']:.0f} |")
     lines += ["", "Per run (greedy accuracy after each evaluation, by optimizer step):", "",

@@ -28,8 +28,8 @@ def evaluate(model: nn.Module, tokenizer: Any, problems: list[EncodedProblem],
     """Answer accuracy and response length on ``problems``: greedy by default, else the mean
     over ``num_samples`` samples at ``temperature``; under the student prompt, or the teacher's
     (what the teacher would answer). ``eval_accuracy`` grades as the config says
-    (``grade_unboxed``); ``eval_accuracy_boxed`` / ``_unboxed`` give both graders. With an ``accelerator``, the problems are split across
-    its processes and the counts summed."""
+    (``grade_unboxed``); ``eval_accuracy_boxed`` / ``_unboxed`` give both graders. With an
+    ``accelerator``, the problems are split across its processes and the counts summed."""
     if not problems:
         raise ValueError("evaluate: no eval problems (set eval_data)")
     if engine is None:

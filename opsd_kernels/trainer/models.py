@@ -41,10 +41,9 @@ def load_model_and_tokenizer(config: OPSDConfig) -> tuple[nn.Module, Any]:
         model = tiny_model(tokenizer, seed=config.seed)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         from opsd_kernels.trainer.model_sources import resolve
-
-        from transformers.utils import logging as hf_logging
 
         source = resolve(config.model)
         bar = hf_logging.is_progress_bar_enabled()
