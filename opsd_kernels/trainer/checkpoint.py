@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from opsd_kernels import sharding
+from opsd_kernels.trainer import zero
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
@@ -111,12 +112,10 @@ PROGRESS_FILE = "custom_checkpoint_0.pkl"
 def layout(accelerator: Any) -> dict[str, Any]:
     """How a run splits its model and optimizer state: the number of processes and the
     sharding, "fsdp2", "zero<stage>" (DeepSpeed) or `REPLICATED`."""
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if kind == "FSDP":
+    if accelerator.distributed_type == "FSDP":
         sharding_name = f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
-    elif kind == "DEEPSPEED":
-        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        sharding_name = f"zero{zero.get('stage', 0)}"
+    elif zero.is_deepspeed(accelerator):
+        sharding_name = f"zero{zero.zero_config(accelerator).get('stage', 0)}"
     else:
         sharding_name = REPLICATED
     return {"num_processes": accelerator.num_processes, "sharding": sharding_name}
@@ -144,7 +143,7 @@ def check_layout(path: Path, current: dict[str, Any]) -> bool:
       processes to 1 and from 1 to 2); the EMA and the step are saved whole.
     - DeepSpeed ZeRO under the stage that saved it: on its own process count as it is, on
       another after DeepSpeed's ``ds_to_universal`` has converted its per-process partitions
-      (`zero.universal_checkpoint`; returns True). A checkpoint written before the layout was
+      (`zero.as_universal`; returns True). A checkpoint written before the layout was
       recorded does not say its stage: on its own count only.
     - Replicated (one process, DDP: the whole state in one place): on any number.
     - Across those kinds (a sharded checkpoint on one plain process, or the reverse, or another

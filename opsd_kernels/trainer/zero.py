@@ -55,10 +55,11 @@ def is_deepspeed(accelerator: Any) -> bool:
 
 def is_zero3(accelerator: Any) -> bool:
     """Whether the accelerator runs DeepSpeed ZeRO-3 (every weight partitioned)."""
-    return is_deepspeed(accelerator) and _zero(accelerator).get("stage") == 3
+    return is_deepspeed(accelerator) and zero_config(accelerator).get("stage") == 3
 
 
-def _zero(accelerator: Any) -> dict:
+def zero_config(accelerator: Any) -> dict:
+    """The ``zero_optimization`` section of a DeepSpeed run's config (empty if it has none)."""
     return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
 
 
@@ -67,7 +68,7 @@ def configure(accelerator: Any, config: OPSDConfig) -> None:
     accumulation steps, clipping and a micro-batch size (for its throughput bookkeeping only: the
     trainer feeds the engine its own batches)."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    zero = ds.get("zero_optimization", {})
+    zero = zero_config(accelerator)
     if zero.get("stage") == 3 and config.teacher_mode == "ema":
         _check_ema_partitions(zero)
     ds["gradient_accumulation_steps"] = config.gradient_accumulation_steps
