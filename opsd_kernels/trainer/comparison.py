@@ -211,7 +211,9 @@ def summary_rows(doc: dict) -> list[dict[str, Any]]:
 def markdown(doc: dict) -> str:
     c = doc["config"]
     start, teacher = doc["start"], doc["teacher"]
-    other = "boxed only" if c["grade_unboxed"] else "last-number fallback"
+    # The table's second grader: the one the config does not grade with.
+    second, other = (("final_boxed", "boxed only") if c["grade_unboxed"]
+                     else ("final_unboxed", "last-number fallback"))
     lines = [
         f"# OPSD against SFT and GRPO: {doc['model']}",
         "",
@@ -235,7 +237,6 @@ def markdown(doc: dict) -> str:
         "sampled start | sampled final | generated tokens | train seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    second = "final_boxed" if c["grade_unboxed"] else "final_unboxed"
     for row in summary_rows(doc):
         gain = row["gain"]
         gain_text = f"{statistics.mean(gain):+.1%}" + (
